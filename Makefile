@@ -1,0 +1,46 @@
+# Two commands: `make serve` starts the service on the embedded demo models, `make test` runs the tests.
+# Both create .venv (Python 3.11), install the pinned dependencies (CPU torch) and generate the gRPC stubs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STUBS := gen/steering/v1/steering_pb2_grpc.py
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+.PHONY: serve test venv stubs demo-models eval-demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# Make the repo and the generated stubs importable from every process (Ray workers included).
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$(SITE)/sae_steering.pth"
+	touch $@
+
+stubs: $(STUBS)
+
+$(STUBS): protos/steering/v1/*.proto $(STAMP)
+	mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen protos/steering/v1/*.proto
+	touch gen/steering/__init__.py gen/steering/v1/__init__.py
+
+serve: $(STAMP) $(STUBS)
+	$(PY) -m services.app
+
+test: $(STAMP) $(STUBS)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest
+
+demo-models: $(STAMP)
+	$(PY) -m sae_runtime.demo.build --out models
+
+eval-demo: $(STAMP)
+	$(PY) -m sae_runtime.demo.eval --models models --out reports/demo_eval.json
+
+bench: $(STAMP) $(STUBS)
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) gen .pytest_cache

@@ -1,0 +1,61 @@
+"""Typed errors raised at the edge of sae_runtime.
+
+Each error names the request field (or file and tensor) it is about, so the service can map it
+to a gRPC status with a message a client can act on. The mapping lives in one place in
+``services`` and reads only :attr:`SaeRuntimeError.status`.
+"""
+
+from __future__ import annotations
+
+
+class SaeRuntimeError(Exception):
+    """Base class. ``field`` is the dotted request field (or file path) the error is about."""
+
+    #: Name of the gRPC status code this error maps to (kept as a string: no grpc import here).
+    status: str = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class NotFound(SaeRuntimeError):
+    """An unknown model, SAE, label or hook site was named."""
+
+    status = "NOT_FOUND"
+
+
+class InvalidArgument(SaeRuntimeError):
+    """A value is out of range, not finite, of the wrong shape or otherwise malformed."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class TooLarge(SaeRuntimeError):
+    """A request exceeds a configured limit (tokens, edits, image bytes, batch)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(SaeRuntimeError):
+    """The request could not finish before its deadline."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class FormatError(SaeRuntimeError):
+    """A file on disk is missing, corrupt, or does not match its declared format.
+
+    ``field`` holds the file path; the message names the tensor or key at fault.
+    """
+
+    status = "FAILED_PRECONDITION"
+
+
+def require_finite(value: float, field: str) -> float:
+    """Return ``value`` as float, raising InvalidArgument naming ``field`` for NaN or +-inf."""
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise InvalidArgument(f"must be a finite number, got {value!r}", field=field)
+    return v

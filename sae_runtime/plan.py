@@ -1,0 +1,182 @@
+"""Request-side specs for steering: InterventionPlan, LatentEdit, Scope, ReadoutSpec.
+
+Frozen dataclasses built by the service (or by library users) and validated once, here, against
+the SAEs a model has. Validation resolves labels to latent indices, so everything downstream sees
+plain integer indices. Semantics are those of reference.md section 4.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
+from sae_runtime.saes.base import Sae
+
+
+class EditOp(str, enum.Enum):
+    """What an edit does to latent f_i at each position in scope."""
+
+    SET = "set"  # f_i = v (clamp)
+    ABLATE = "ablate"  # f_i = 0
+    SCALE = "scale"  # f_i *= v
+    ADD = "add"  # f_i += v (additive decoder-direction steering)
+    CAP = "cap"  # f_i = min(f_i, v)
+
+
+class TokenScope(str, enum.Enum):
+    """Causal-LM positions: ``prompt`` = computed in the prefill pass, ``generated`` = decode steps."""
+
+    ALL = "all"
+    PROMPT = "prompt"
+    GENERATED = "generated"
+
+
+class VisionScope(str, enum.Enum):
+    """Vision-encoder positions: every token, or the CLS token (position 0) only."""
+
+    ALL = "all"
+    CLS = "cls"
+
+
+class CfgHalf(str, enum.Enum):
+    """Which classifier-free-guidance half of a U-Net batch an image edit touches."""
+
+    BOTH = "both"
+    COND = "cond"
+    UNCOND = "uncond"
+
+
+@dataclass(frozen=True)
+class LatentEdit:
+    """One operation on some latents of one SAE.
+
+    ``latents`` are indices; ``labels`` name latents by their concept label (``color:red``) and
+    are resolved into ``latents`` by :meth:`InterventionPlan.resolve`. ``normalize`` applies to
+    ``add`` only: the added direction is scaled by ||x|| / ||W_dec[i]|| (norm-relative steering),
+    so ``value`` is then a fraction of the activation's norm.
+    """
+
+    sae: str
+    op: EditOp
+    latents: tuple[int, ...] = ()
+    value: float = 0.0
+    normalize: bool = False
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a plan applies. Each hook site reads the fields that concern it.
+
+    - ``tokens``: causal-LM positions (language model of a LLaVA too).
+    - ``vision``: vision-encoder positions.
+    - ``mask``: U-Net spatial mask (H, W) at image resolution, values in [0, 1]; None = everywhere.
+      Downsampled to each block's resolution by the backend.
+    - ``step_start``/``step_end``: denoising-step window [start, end); end None = to the last step.
+    - ``cfg_half``: which classifier-free-guidance half of the U-Net batch is edited.
+    """
+
+    tokens: TokenScope = TokenScope.ALL
+    vision: VisionScope = VisionScope.ALL
+    mask: Tensor | None = field(default=None, compare=False)
+    step_start: int = 0
+    step_end: int | None = None
+    cfg_half: CfgHalf = CfgHalf.BOTH
+
+
+@dataclass(frozen=True)
+class InterventionPlan:
+    """A request's latent edits, where they apply, and whether the SAE error term is kept.
+
+    With ``preserve_error`` (default) the hooked activation becomes
+    ``x + sum over edited i of (f'_i - f_i) * W_dec[i]``; an empty plan changes nothing.
+    Without it the activation is replaced by the reconstruction of the edited latents, D(f').
+    """
+
+    edits: tuple[LatentEdit, ...] = ()
+    scope: Scope = Scope()
+    preserve_error: bool = True
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.edits
+
+    @property
+    def sae_names(self) -> frozenset[str]:
+        return frozenset(e.sae for e in self.edits)
+
+    def resolve(self, saes: Mapping[str, Sae], *, max_edits: int = 4096, field_prefix: str = "plan") -> "InterventionPlan":
+        """Validate against the model's SAEs and return the plan with labels resolved to indices.
+
+        Raises NotFound (unknown SAE or label), InvalidArgument (index out of range, non-finite
+        value, bad scope) or TooLarge (more than ``max_edits`` latent edits), naming the field.
+        """
+        total = sum(len(e.latents) + len(e.labels) for e in self.edits)
+        if total > max_edits:
+            raise TooLarge(f"{total} latent edits exceed the limit of {max_edits}", field=f"{field_prefix}.edits")
+        resolved = []
+        for n, e in enumerate(self.edits):
+            f = f"{field_prefix}.edits[{n}]"
+            if e.sae not in saes:
+                raise NotFound(f"unknown SAE {e.sae!r} (available: {', '.join(sorted(saes)) or 'none'})", field=f"{f}.sae")
+            sae = saes[e.sae]
+            try:
+                op = EditOp(e.op)
+            except ValueError:
+                raise InvalidArgument(f"unknown op {e.op!r}", field=f"{f}.op") from None
+            latents = list(e.latents)
+            sae.check_latents(latents, field=f"{f}.latents")
+            for label in e.labels:
+                if label not in sae.labels:
+                    raise NotFound(f"SAE {e.sae!r} has no latent labelled {label!r}", field=f"{f}.labels")
+                latents.append(sae.labels[label])
+            if not latents:
+                raise InvalidArgument("names no latent (give latents or labels)", field=f"{f}.latents")
+            value = require_finite(e.value, f"{f}.value")
+            if e.normalize and op is not EditOp.ADD:
+                raise InvalidArgument("normalize applies to op 'add' only", field=f"{f}.normalize")
+            resolved.append(replace(e, op=op, latents=tuple(dict.fromkeys(latents)), value=value, labels=()))
+        return replace(self, edits=tuple(resolved), scope=_check_scope(self.scope, f"{field_prefix}.scope"))
+
+
+def _check_scope(scope: Scope, field: str) -> Scope:
+    try:
+        scope = replace(
+            scope,
+            tokens=TokenScope(scope.tokens),
+            vision=VisionScope(scope.vision),
+            cfg_half=CfgHalf(scope.cfg_half),
+        )
+    except ValueError as err:
+        raise InvalidArgument(str(err), field=field) from None
+    if scope.step_start < 0:
+        raise InvalidArgument("step_start must be >= 0", field=f"{field}.step_start")
+    if scope.step_end is not None and scope.step_end <= scope.step_start:
+        raise InvalidArgument("step_end must be greater than step_start", field=f"{field}.step_end")
+    if scope.mask is not None:
+        m = scope.mask
+        if not isinstance(m, Tensor) or m.dim() != 2 or m.numel() == 0:
+            raise InvalidArgument("mask must be a non-empty 2-D (H, W) tensor", field=f"{field}.mask")
+        if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+            raise InvalidArgument("mask values must be finite and in [0, 1]", field=f"{field}.mask")
+    return scope
+
+
+@dataclass(frozen=True)
+class ReadoutSpec:
+    """Which SAEs to read latents from, and how many top latents to keep per position."""
+
+    saes: tuple[str, ...] = ()
+    top_k: int = 5
+
+    def check(self, saes: Mapping[str, Sae], field_prefix: str = "readout") -> None:
+        for n, name in enumerate(self.saes):
+            if name not in saes:
+                raise NotFound(f"unknown SAE {name!r}", field=f"{field_prefix}.saes[{n}]")
+        if not 0 < self.top_k <= 256:
+            raise InvalidArgument("top_k must be in [1, 256]", field=f"{field_prefix}.top_k")
