@@ -1,0 +1,89 @@
+"""Per-row bookkeeping of a text generation: incremental detokenisation, stop strings, finish reasons.
+
+A :class:`RowText` receives the token ids one row generates, one per decode step, and decides
+when the row is finished:
+
+- ``eos``: the model produced an end-of-sequence id (the id is not part of the completion);
+- ``stop``: the generated text contains one of the request's stop strings; the completion's
+  text is cut right before the first occurrence, and its tokens end with the token that
+  completed the stop string;
+- ``length``: ``max_new_tokens`` tokens were generated.
+
+Token texts are decoded incrementally so that joining them gives the decoded text, even when a
+tokenizer merges or strips characters across token boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass
+class TokenRecord:
+    """One generated token as the loop saw it, before readouts are attached."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class RowText:
+    """Text state of one generating row. ``tokenizer`` is any HF tokenizer (``decode``)."""
+
+    tokenizer: Any
+    stop: Sequence[str]
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    ids: list[int] = field(default_factory=list)
+    records: list[TokenRecord] = field(default_factory=list)
+    decoded: str = ""
+    finish_reason: str | None = None
+    stop_at: int | None = None  # character offset where a stop string begins
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The completion text, cut before the stop string if one was hit."""
+        return self.decoded if self.stop_at is None else self.decoded[: self.stop_at]
+
+    def push(self, token_id: int, logprob: float | None = None, top: tuple[tuple[str, float], ...] = ()) -> TokenRecord | None:
+        """Add one generated id; returns its record, or None for an end-of-sequence id."""
+        if self.done:
+            raise RuntimeError("push() on a finished row")
+        if token_id in self.eos_ids:
+            self.finish_reason = "eos"
+            return None
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.startswith(self.decoded):
+            piece = full[len(self.decoded) :]
+        else:  # the tokenizer rewrote earlier text (rare byte-fallback merges): keep what we showed
+            piece = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            full = self.decoded + piece
+        searched_from = max(0, len(self.decoded) - max((len(s) for s in self.stop), default=0))
+        self.decoded = full
+        record = TokenRecord(id=token_id, text=piece, logprob=logprob, top_logprobs=top)
+        self.records.append(record)
+        hits = [i for i in (self.decoded.find(s, searched_from) for s in self.stop if s) if i >= 0]
+        if hits:
+            self.stop_at = min(hits)
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return record
+
+
+def eos_ids_of(model_config: Any, generation_config: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the generation config (int or list), else the tokenizer's."""
+    for source in (generation_config, model_config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        return frozenset([value] if isinstance(value, int) else [int(v) for v in value])
+    return frozenset()
