@@ -81,6 +81,10 @@ class Sae(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         #: Optional concept labels, label -> latent index (filled by loaders / labelling tools).
         self.labels: dict[str, int] = {}
+        #: Optional per-latent activation statistics (d_sae,), e.g. sdxl-unbox ``mean.pt`` / ``std.pt``.
+        #: Buffers registered as None: absent from the state dict until a loader sets them.
+        self.register_buffer("latent_mean", None)
+        self.register_buffer("latent_std", None)
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -101,9 +105,10 @@ class Sae(nn.Module):
             scale = x.norm(dim=-1, keepdim=True).clamp_min(1e-12) / (self.cfg.d_in**0.5)
             return x / scale, Norm(scale=scale)
         if mode == "layer_norm":
+            # As SAELens: unbiased std, eps added outside the root on the way in, not on the way out.
             mu = x.mean(dim=-1, keepdim=True)
-            std = (x - mu).pow(2).mean(dim=-1, keepdim=True).add(1e-5).sqrt()
-            return (x - mu) / std, Norm(scale=std, shift=mu)
+            std = (x - mu).std(dim=-1, keepdim=True)
+            return (x - mu) / (std + 1e-5), Norm(scale=std, shift=mu)
         raise InvalidArgument(f"unknown normalize_activations {mode!r}", field="normalize_activations")
 
     @staticmethod
