@@ -12,6 +12,7 @@ import abc
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
+from sae_runtime.errors import NotFound
 from sae_runtime.plan import InterventionPlan, ReadoutSpec
 
 
@@ -227,6 +228,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, request: EncodeRequest) -> EncodeResult: ...
+
+    def feature_labels(self, sae: str) -> Mapping[str, int]:
+        """Concept labels of one SAE, label -> latent index (empty when it has none).
+
+        The default reads ``self.saes`` (name -> Sae), where the bundled backends keep their SAEs.
+        Raises NotFound naming the field ``sae`` for an unknown SAE.
+        """
+        saes = getattr(self, "saes", {})
+        if sae not in saes:
+            raise NotFound(f"unknown SAE {sae!r} (available: {', '.join(sorted(saes)) or 'none'})", field="sae")
+        return dict(saes[sae].labels)
 
 
 def label_of(labels: Mapping[str, int], index: int) -> str | None:
