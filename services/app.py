@@ -1,0 +1,118 @@
+"""Build the Serve application from a config, and run it locally: ``python -m services.app``.
+
+- :func:`build_app` is the application builder named in Serve config files
+  (``import_path: services.app:build_app``, ``args: {config: ..., base_dir: ...}``), so the same
+  config drives ``serve deploy`` and a KubeRay RayService.
+- :func:`build_application` turns a validated config into the app: one ``ModelServer`` deployment
+  per model, and the ``SteeringIngress`` that routes to them.
+- :func:`start` / :func:`main` start Ray and Serve with the gRPC proxy (localhost:9000 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import gRPCOptions
+
+from services.config import DEFAULT_CONFIG, GRPC_SERVICER_FUNCTIONS, ServiceConfig, load_config, parse_config
+from services.ingress import SteeringIngress
+from services.model_deployment import ModelServer
+
+
+def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -> Application:
+    """The Serve application for ``config``; relative paths resolve against ``base_dir``."""
+    base = Path(base_dir)
+    models = {
+        m.name: ModelServer.options(**m.deployment_options()).bind(
+            m.to_spec(base), m.batching.model_dump(), m.resources.torch_threads
+        )
+        for m in config.models
+    }
+    ingress = SteeringIngress.options(
+        name="ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(models, config.auth.model_dump())
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder. ``args["config"]``: a config file path or the config mapping;
+    ``args["base_dir"]``: where relative paths resolve (default: the config file's directory, or
+    the working directory for a mapping)."""
+    source = args.get("config", str(DEFAULT_CONFIG))
+    if isinstance(source, dict):
+        config = parse_config(source, source="args.config")
+        base_dir = args.get("base_dir") or os.getcwd()
+    else:
+        config = load_config(source)
+        base_dir = args.get("base_dir") or Path(source).resolve().parent
+    return build_application(config, base_dir)
+
+
+def grpc_options(config: ServiceConfig) -> gRPCOptions:
+    return gRPCOptions(
+        port=config.grpc.port,
+        grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+        request_timeout_s=config.grpc.request_timeout_s,
+    )
+
+
+def start(config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None) -> ServiceConfig:
+    """Start Ray (if needed), Serve with the gRPC proxy, and the application; wait until it runs."""
+    import ray
+
+    config = load_config(config_path)
+    if not ray.is_initialized():
+        ray.init(**(ray_init_kwargs or {}))
+    serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1"})
+    app = build_application(config, Path(config_path).resolve().parent)
+    serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+    return config
+
+
+def example_call(config: ServiceConfig) -> str:
+    model = config.models[0]
+    return (
+        f"  python -m services.cli --target localhost:{config.grpc.port} list-models\n"
+        f"  python -m services.cli --target localhost:{config.grpc.port} generate --model {model.name} "
+        f'--set color:red=8 "the"'
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the SAE steering gRPC API locally (Ctrl-C stops it).")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
+
+    import ray
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        config = start(args.config)
+        print(f"\nSAE steering service: gRPC on localhost:{config.grpc.port}, models: "
+              f"{', '.join(m.name for m in config.models)}\nTry:\n{example_call(config)}\n(Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        print("shutting down...", file=sys.stderr, flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The ingress deployment: serves the Steering and grpc.health.v1.Health services.
+
+Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
+routed by ``request.model`` to that model's deployment (DeploymentHandle composition), so clients
+need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
+through :func:`services.errors.grpc_status`; the replica never sees them escape.
+
+This module imports no torch: the ingress stays small and starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
+from steering.v1 import steering_pb2 as pb
+
+from sae_runtime.errors import InvalidArgument, NotFound
+from services.errors import Unauthenticated, grpc_status
+from services.metrics import ingress_metrics
+
+#: Health service names this ingress answers for ("" = the whole server).
+STEERING_SERVICE = "steering.v1.Steering"
+HEALTH_PROBE_TIMEOUT_S = 5.0
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@serve.deployment
+class SteeringIngress:
+    def __init__(self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None) -> None:
+        self._models = dict(models)
+        self._token = _resolve_token(auth or {})
+        self._metrics = ingress_metrics()
+        self._model_infos: dict[str, pb.ModelInfo] = {}
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
+        if self._token is None:
+            return
+        metadata = dict(grpc_context.invocation_metadata())
+        given = metadata.get("authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), self._token.encode()):
+            raise Unauthenticated("missing or wrong bearer token", field="authorization")
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        available = ", ".join(sorted(self._models))
+        if not model:
+            raise InvalidArgument(f"name a model (available: {available})", field="model")
+        if model not in self._models:
+            raise NotFound(f"unknown model {model!r} (available: {available})", field="model")
+        return self._models[model]
+
+    def _model_tag(self, model: str) -> str:
+        return model if model in self._models else "(unknown)"
+
+    def _record(self, method: str, model: str, status: str, started: float) -> None:
+        tag = self._model_tag(model)
+        self._metrics.requests.inc(tags={"model": tag, "method": method, "status": status})
+        self._metrics.latency_ms.observe((time.time() - started) * 1e3, tags={"model": tag, "method": method})
+
+    async def _unary(
+        self,
+        method: str,
+        model: str,
+        grpc_context: RayServegRPCContext,
+        empty: Callable[[], Any],
+        call: Callable[[DeploymentHandle, float], Awaitable[Any]],
+    ) -> Any:
+        """Run ``call`` on the model's handle; on any error set the status and return ``empty()``."""
+        started = time.time()
+        status = "OK"
+        try:
+            self._authenticate(grpc_context)
+            return await call(self._handle(model), started)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, in one place
+            code, details = grpc_status(exc)
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            status = code.name
+            return empty()
+        finally:
+            self._record(method, model, status, started)
+
+    # -- Steering --------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        return await self._unary(
+            "Generate", request.model, grpc_context, pb.GenerateResponse, lambda h, t: h.generate.remote(request, t)
+        )
+
+    async def GenerateMultimodal(
+        self, request: pb.GenerateMultimodalRequest, grpc_context: RayServegRPCContext
+    ) -> pb.GenerateResponse:
+        return await self._unary(
+            "GenerateMultimodal", request.model, grpc_context, pb.GenerateResponse, lambda h, t: h.generate.remote(request, t)
+        )
+
+    async def GenerateImage(self, request: pb.GenerateImageRequest, grpc_context: RayServegRPCContext) -> pb.GenerateImageResponse:
+        return await self._unary(
+            "GenerateImage", request.model, grpc_context, pb.GenerateImageResponse, lambda h, t: h.generate_image.remote(request, t)
+        )
+
+    async def Encode(self, request: pb.EncodeRequest, grpc_context: RayServegRPCContext) -> pb.EncodeResponse:
+        return await self._unary("Encode", request.model, grpc_context, pb.EncodeResponse, lambda h, t: h.encode.remote(request, t))
+
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, grpc_context: RayServegRPCContext) -> pb.SearchFeaturesResponse:
+        return await self._unary(
+            "SearchFeatures", request.model, grpc_context, pb.SearchFeaturesResponse, lambda h, t: h.search_features.remote(request)
+        )
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Relay the model deployment's token stream. An error sets the status and ends the stream
+        (raised, because a stream that yielded nothing cannot carry a status otherwise)."""
+        started = time.time()
+        status = "OK"
+        try:
+            self._authenticate(grpc_context)
+            handle = self._handle(request.model).options(stream=True)
+            async for message in handle.generate_stream.remote(request, started):
+                yield message
+        except Exception as exc:  # noqa: BLE001
+            code, details = grpc_status(exc)
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            status = code.name
+            raise _StreamFailed(details) from None
+        finally:
+            self._record("GenerateStream", request.model, status, started)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
+        async def call(_handle: DeploymentHandle, _started: float) -> pb.ListModelsResponse:
+            missing = [name for name in self._models if name not in self._model_infos]
+            infos = await asyncio.gather(*(self._models[name].model_info.remote() for name in missing))
+            self._model_infos.update(zip(missing, infos))
+            return pb.ListModelsResponse(models=[self._model_infos[name] for name in self._models])
+
+        first = next(iter(self._models))
+        return await self._unary("ListModels", first, grpc_context, pb.ListModelsResponse, call)
+
+    # -- grpc.health.v1.Health -------------------------------------------------------------------
+    async def _probe(self, models: list[str]) -> int:
+        async def one(name: str) -> bool:
+            try:
+                return bool(await asyncio.wait_for(self._models[name].ready.remote(), HEALTH_PROBE_TIMEOUT_S))
+            except Exception:  # noqa: BLE001 - an unreachable model is NOT_SERVING, not an error
+                return False
+
+        results = await asyncio.gather(*(one(name) for name in models))
+        return _SERVING if all(results) else _NOT_SERVING
+
+    def _models_of_service(self, service: str) -> list[str] | None:
+        if service in ("", STEERING_SERVICE):
+            return list(self._models)
+        if service in self._models:
+            return [service]
+        return None
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
+        """SERVING when every model deployment answers (service "" or "steering.v1.Steering"), or the
+        named model's deployment does (service = a model name); NOT_FOUND for other services."""
+        models = self._models_of_service(request.service)
+        if models is None:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return health_pb2.HealthCheckResponse(status=await self._probe(models))
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Sends the current status once and ends the stream (clients re-watch to poll)."""
+        models = self._models_of_service(request.service)
+        if models is None:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        yield health_pb2.HealthCheckResponse(status=await self._probe(models))
+
+    async def List(self, request: health_pb2.HealthListRequest, grpc_context: RayServegRPCContext) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        overall = await self._probe(list(self._models))
+        response.statuses[""].status = overall
+        response.statuses[STEERING_SERVICE].status = overall
+        for name in self._models:
+            response.statuses[name].status = await self._probe([name])
+        return response
+
+    # -- HTTP: a pointer, since the API is gRPC ----------------------------------------------------
+    async def __call__(self, _request: Any) -> str:
+        return "This is the SAE steering service; its API is gRPC (steering.v1.Steering), see the README.\n"
+
+
+class _StreamFailed(Exception):
+    """Raised to end a failed stream; its status was set on the gRPC context."""
+
+
+def _resolve_token(auth: dict[str, Any]) -> str | None:
+    if auth.get("bearer_token"):
+        return str(auth["bearer_token"])
+    env = auth.get("bearer_token_env")
+    if env:
+        token = os.environ.get(env)
+        if not token:
+            raise RuntimeError(f"auth.bearer_token_env names {env!r}, which is not set in the ingress replica")
+        return token
+    return None

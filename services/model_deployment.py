@@ -1,0 +1,248 @@
+"""One Ray Serve deployment per configured model: validate each request, batch, call the backend.
+
+Every request is converted and validated on its own (``Backend.validate``) before it joins a
+batch, so a bad request fails alone with a status naming its field and never reaches the batch.
+Concurrent valid requests are grouped by ``@serve.batch`` into ONE ``backend.generate`` call with
+per-row plans. Should a batched call still fail, each request of that batch is retried alone, so
+only the culprit sees the error.
+
+The backend is not re-entrant (hooks live on shared modules), so every backend call holds one
+asyncio lock: batches, encodes and streams run one at a time per replica; the event loop stays
+free to accept and validate new requests (the work runs in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from ray import serve
+from steering.v1 import steering_pb2 as pb
+
+from sae_runtime.backends import types as rt
+from sae_runtime.backends.spec import ModelSpec
+from sae_runtime.errors import InvalidArgument, SaeRuntimeError
+from services import convert
+from services.backend_factory import build_backend
+from services.metrics import model_metrics
+
+DEFAULT_SEARCH_LIMIT = 20
+MAX_SEARCH_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class _Job:
+    request: Any  # a validated rt.TextRequest or rt.ImageRequest
+    received_at: float  # wall clock (time.time()) when the service received the request
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    value: Any  # the result, or the exception this request failed with
+    started: float
+    finished: float
+    batch_size: int
+
+    def result(self) -> Any:
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+def run_isolated(fn: Callable[[list], Sequence], requests: list) -> list:
+    """``fn(requests)``; if the batched call fails, each request alone (its result or exception)."""
+    try:
+        results = list(fn(requests))
+        if len(results) != len(requests):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
+        return results
+    except Exception as batch_error:  # noqa: BLE001 - isolate the failing row below
+        if len(requests) == 1:
+            return [batch_error]
+    outcomes: list = []
+    for request in requests:
+        try:
+            outcomes.append(fn([request])[0])
+        except Exception as err:  # noqa: BLE001 - returned to that request's caller
+            outcomes.append(err)
+    return outcomes
+
+
+def directory_version(path: str | None) -> str:
+    """A short content hash of a small directory (the risk probe): names and bytes of its files."""
+    if not path or not Path(path).is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@serve.deployment
+class ModelServer:
+    """A replica holding one loaded backend. Methods take and return proto messages."""
+
+    def __init__(self, spec: ModelSpec, batching: dict[str, float], torch_threads: int | None = None) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.spec = spec
+        self.metrics = model_metrics()
+        started = time.perf_counter()
+        self.backend = build_backend(spec)
+        self.metrics.load_s.observe(time.perf_counter() - started, tags={"model": spec.name})
+        for sae, seconds in dict(getattr(self.backend, "load_timings", {}) or {}).items():
+            self.metrics.sae_load_s.observe(float(seconds), tags={"model": spec.name, "sae": str(sae)})
+        self.info = self.backend.info()
+        self.sae_names = tuple(s.name for s in self.info.saes)
+        self.versions = convert.versions_of(self.info, directory_version(spec.risk_probe))
+        self._lock = asyncio.Lock()
+        for batched in (self._text_batch, self._image_batch):
+            batched.set_max_batch_size(int(batching["max_batch_size"]))
+            batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _validated(self, request: Any) -> Any:
+        try:
+            return self.backend.validate(request)
+        except SaeRuntimeError as err:
+            renamed = convert.proto_field(err.field)
+            if renamed == err.field:
+                raise
+            raise type(err)(err.message, field=renamed) from None
+
+    def _timings(self, outcome: _Outcome, received_at: float) -> pb.Timings:
+        return pb.Timings(
+            queue_ms=max(0.0, outcome.started - received_at) * 1e3,
+            compute_ms=(outcome.finished - outcome.started) * 1e3,
+            total_ms=max(0.0, time.time() - received_at) * 1e3,
+            batch_size=outcome.batch_size,
+        )
+
+    def _observe(self, method: str, timings: pb.Timings) -> None:
+        tags = {"model": self.spec.name, "method": method}
+        self.metrics.queue_ms.observe(timings.queue_ms, tags=tags)
+        self.metrics.compute_ms.observe(timings.compute_ms, tags=tags)
+
+    def _observe_text(self, result: rt.TextResult, steered: bool) -> None:
+        model = {"model": self.spec.name}
+        n_tokens = len(result.steered.tokens) + (len(result.default.tokens) if result.default else 0)
+        if n_tokens:
+            self.metrics.tokens.inc(n_tokens, tags=model)
+        self.metrics.steered.inc(tags={**model, "steered": "true" if steered else "false"})
+        if result.risk_final is not None:
+            self.metrics.risk.observe(result.risk_final.probability, tags=model)
+
+    async def _run_batch(self, method: str, fn: Callable[[list], Sequence], jobs: list[_Job]) -> list[_Outcome]:
+        async with self._lock:
+            started = time.time()
+            values = await asyncio.to_thread(run_isolated, fn, [j.request for j in jobs])
+            finished = time.time()
+        self.metrics.batch_size.observe(len(jobs), tags={"model": self.spec.name, "method": method})
+        return [_Outcome(v, started, finished, len(jobs)) for v in values]
+
+    # -- batched methods (sizes set per model in __init__) ---------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _text_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        return await self._run_batch("generate", self.backend.generate, jobs)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _image_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        return await self._run_batch("generate_image", self.backend.generate_images, jobs)
+
+    # -- API -------------------------------------------------------------------------------------
+    async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
+        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
+        outcome = await self._text_batch(_Job(text_request, received_at))
+        result: rt.TextResult = outcome.result()
+        timings = self._timings(outcome, received_at)
+        steered = convert.is_steered(text_request)
+        self._observe("generate", timings)
+        self._observe_text(result, steered)
+        return convert.text_result_to_proto(result, timings=timings, versions=self.versions, steered=steered)
+
+    async def generate_stream(self, request: pb.GenerateRequest, received_at: float) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Token events from ``backend.stream``; the last message carries the full response."""
+        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
+        steered = convert.is_steered(text_request)
+        done = object()
+        async with self._lock:
+            started = time.time()
+            events = self.backend.stream(text_request)
+            try:
+                while True:
+                    event = await asyncio.to_thread(next, events, done)
+                    if event is done:
+                        break
+                    msg = pb.GenerateStreamResponse()
+                    if event.token is not None:
+                        msg.token.CopyFrom(convert.token_to_proto(event.token))
+                    if event.risk is not None:
+                        msg.running_risk = event.risk
+                    if event.result is not None:
+                        outcome = _Outcome(event.result, started, time.time(), 1)
+                        timings = self._timings(outcome, received_at)
+                        self._observe("generate_stream", timings)
+                        self._observe_text(event.result, steered)
+                        msg.final.CopyFrom(
+                            convert.text_result_to_proto(event.result, timings=timings, versions=self.versions, steered=steered)
+                        )
+                    yield msg
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
+
+    async def generate_image(self, request: pb.GenerateImageRequest, received_at: float) -> pb.GenerateImageResponse:
+        image_request = self._validated(convert.image_request_from_proto(request, self.sae_names))
+        outcome = await self._image_batch(_Job(image_request, received_at))
+        result: rt.ImageResult = outcome.result()
+        timings = self._timings(outcome, received_at)
+        steered = convert.is_steered(image_request)
+        self._observe("generate_image", timings)
+        self.metrics.steered.inc(tags={"model": self.spec.name, "steered": "true" if steered else "false"})
+        return convert.image_result_to_proto(result, timings=timings, versions=self.versions, steered=steered)
+
+    async def encode(self, request: pb.EncodeRequest, received_at: float) -> pb.EncodeResponse:
+        encode_request = self._validated(convert.encode_request_from_proto(request, self.sae_names))
+        async with self._lock:
+            started = time.time()
+            result = await asyncio.to_thread(self.backend.encode, encode_request)
+            outcome = _Outcome(result, started, time.time(), 1)
+        timings = self._timings(outcome, received_at)
+        self._observe("encode", timings)
+        return convert.encode_result_to_proto(result, timings=timings, versions=self.versions)
+
+    def model_info(self) -> pb.ModelInfo:
+        return convert.model_info_to_proto(self.info)
+
+    def search_features(self, request: pb.SearchFeaturesRequest) -> pb.SearchFeaturesResponse:
+        """Labelled latents whose label contains ``query`` (case-insensitive), or the latent ``index``."""
+        limit = request.limit or DEFAULT_SEARCH_LIMIT
+        if not 0 < limit <= MAX_SEARCH_LIMIT:
+            raise InvalidArgument(f"must be in [0, {MAX_SEARCH_LIMIT}]", field="limit")
+        widths = {s.name: s.d_sae for s in self.info.saes}
+        query = request.query.lower()
+        found: list[pb.Feature] = []
+        for name in (request.sae,) if request.sae else self.sae_names:
+            labels = self.backend.feature_labels(name)  # NotFound(field="sae") for an unknown SAE
+            if request.HasField("index"):
+                if not 0 <= request.index < widths[name]:
+                    raise InvalidArgument(f"latent {request.index} out of range [0, {widths[name]}) of SAE {name!r}", field="index")
+                label = rt.label_of(labels, request.index) or ""
+                if query in label.lower():
+                    found.append(pb.Feature(sae=name, index=request.index, label=label))
+                continue
+            for label, index in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
+                if query in label.lower():
+                    found.append(pb.Feature(sae=name, index=index, label=label))
+        return pb.SearchFeaturesResponse(features=found[:limit])
+
+    def ready(self) -> bool:
+        return True
