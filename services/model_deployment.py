@@ -72,15 +72,31 @@ def run_isolated(fn: Callable[[list], Sequence], requests: list) -> list:
     return outcomes
 
 
-def directory_version(path: str | None) -> str:
-    """A short content hash of a small directory (the risk probe): names and bytes of its files."""
-    if not path or not Path(path).is_dir():
+#: Files up to this size are hashed whole by :func:`fingerprint`; larger ones by size and first MiB.
+FINGERPRINT_FULL_BYTES = 16 * 1024 * 1024
+
+
+def fingerprint(path: str | None) -> str:
+    """A version for a local file or directory when the backend reports none: a short hash of
+    file names and contents (files over 16 MiB: size and first MiB). Hub ids are their own version."""
+    if not path:
         return ""
+    root = Path(path)
+    if not root.exists():
+        return path
     digest = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(f.relative_to(path).as_posix().encode())
-        digest.update(f.read_bytes())
+    for f in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root).as_posix() if f != root else f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(size if size <= FINGERPRINT_FULL_BYTES else 1 << 20))
     return digest.hexdigest()[:12]
+
+
+#: Which RPC families a model kind serves.
+TEXT_KINDS = ("causal_lm", "llava")
+MULTIMODAL_KINDS = ("llava",)
+IMAGE_KINDS = ("sdxl_turbo",)
 
 
 @serve.deployment
@@ -101,13 +117,28 @@ class ModelServer:
             self.metrics.sae_load_s.observe(float(seconds), tags={"model": spec.name, "sae": str(sae)})
         self.info = self.backend.info()
         self.sae_names = tuple(s.name for s in self.info.saes)
-        self.versions = convert.versions_of(self.info, directory_version(spec.risk_probe))
+        self.versions = self._versions()
         self._lock = asyncio.Lock()
         for batched in (self._text_batch, self._image_batch):
             batched.set_max_batch_size(int(batching["max_batch_size"]))
             batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _versions(self) -> pb.Versions:
+        """Versions from the backend, or file fingerprints where it reports none."""
+        versions = convert.versions_of(self.info, fingerprint(self.spec.risk_probe))
+        if not versions.model_version:
+            versions.model_version = fingerprint(self.spec.path)
+        paths = {s.name: s.path for s in self.spec.saes}
+        for name, version in list(versions.saes.items()):
+            if not version:
+                versions.saes[name] = fingerprint(paths.get(name))
+        return versions
+
+    def _require_kind(self, kinds: tuple[str, ...], rpc: str) -> None:
+        if self.info.kind not in kinds:
+            raise InvalidArgument(f"model {self.spec.name!r} is a {self.info.kind} model; {rpc} needs one of: {', '.join(kinds)}", field="model")
+
     def _validated(self, request: Any) -> Any:
         try:
             return self.backend.validate(request)
@@ -158,6 +189,8 @@ class ModelServer:
 
     # -- API -------------------------------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
+        multimodal = isinstance(request, pb.GenerateMultimodalRequest)
+        self._require_kind(MULTIMODAL_KINDS if multimodal else TEXT_KINDS, "GenerateMultimodal" if multimodal else "Generate")
         text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
         outcome = await self._text_batch(_Job(text_request, received_at))
         result: rt.TextResult = outcome.result()
@@ -169,6 +202,7 @@ class ModelServer:
 
     async def generate_stream(self, request: pb.GenerateRequest, received_at: float) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Token events from ``backend.stream``; the last message carries the full response."""
+        self._require_kind(TEXT_KINDS, "GenerateStream")
         text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
         steered = convert.is_steered(text_request)
         done = object()
@@ -200,6 +234,7 @@ class ModelServer:
                     close()
 
     async def generate_image(self, request: pb.GenerateImageRequest, received_at: float) -> pb.GenerateImageResponse:
+        self._require_kind(IMAGE_KINDS, "GenerateImage")
         image_request = self._validated(convert.image_request_from_proto(request, self.sae_names))
         outcome = await self._image_batch(_Job(image_request, received_at))
         result: rt.ImageResult = outcome.result()
