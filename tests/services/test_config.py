@@ -1,0 +1,132 @@
+"""Config schema: the shipped config validates, bad configs fail naming the field, and the rendered
+Ray Serve config is accepted by Serve's own schema and carries the config through unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from sae_runtime.backends.spec import Limits
+from services.config import (
+    APP_IMPORT_PATH,
+    DEFAULT_CONFIG,
+    GRPC_SERVICER_FUNCTIONS,
+    ConfigError,
+    load_config,
+    parse_config,
+    render_serve_config,
+)
+
+
+def minimal(**model_overrides) -> dict:
+    model = {"name": "lm", "kind": "causal_lm", "path": "models/lm", "saes": [{"name": "res", "path": "saes/res"}]}
+    model.update(model_overrides)
+    return {"models": [model]}
+
+
+def error_of(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+def test_shipped_default_config_validates_and_resolves_paths_against_its_directory():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.grpc.port == 9000
+    assert [m.name for m in config.models][0] == "demo-lm"
+    spec = config.models[0].to_spec(DEFAULT_CONFIG.parent)
+    repo = DEFAULT_CONFIG.parent.parent
+    assert Path(spec.path).is_relative_to(repo / "models")
+    assert all(Path(s.path).is_relative_to(repo / "models") for s in spec.saes)
+
+
+def test_model_spec_carries_every_setting(tmp_path):
+    data = minimal(
+        description="tiny",
+        dtype="bfloat16",
+        risk_probe="probe",
+        limits={"max_new_tokens": 7, "max_edits": 3},
+        saes=[{"name": "res", "path": "saes/res", "format": "saelens", "hook_name": "blocks.0.hook_resid_post"},
+              {"name": "hub", "hub_id": "org/sae-release"}],
+    )
+    spec = parse_config(data).models[0].to_spec(tmp_path)
+    assert spec.name == "lm" and spec.kind == "causal_lm" and spec.dtype == "bfloat16" and spec.description == "tiny"
+    assert spec.path == str(tmp_path / "models" / "lm")
+    assert spec.risk_probe == str(tmp_path / "probe")
+    assert spec.limits == Limits(max_new_tokens=7, max_edits=3)
+    res, hub = spec.saes
+    assert (res.name, res.path, res.format, res.hook_name) == ("res", str(tmp_path / "saes/res"), "saelens", "blocks.0.hook_resid_post")
+    assert (hub.name, hub.path, hub.format) == ("hub", "org/sae-release", None)  # hub ids are not paths
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (minimal(kind="bert"), "models.0.kind"),
+        (minimal(hub_id="org/x"), "exactly one of 'path' or 'hub_id'"),
+        (minimal(name="has space"), "models.0.name"),
+        (minimal(saes=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]), "duplicate SAE names: a"),
+        (minimal(batching={"max_batch_size": 32}), "exceeds limits.max_batch_size"),
+        (minimal(batching={"max_batch_size": 8}, max_ongoing_requests=4), "max_ongoing_requests must be >="),
+        (minimal(device="cuda"), "num_gpus > 0"),
+        (minimal(device="tpu"), "models.0.device"),
+        (minimal(batching={"max_batch_sise": 4}), "models.0.batching.max_batch_sise: Extra inputs are not permitted"),
+        (minimal(autoscaling={"min_replicas": 3, "max_replicas": 2}), "min_replicas must be <= max_replicas"),
+        (minimal(resources={"num_cpus": -1}), "models.0.resources.num_cpus"),
+        ({**minimal(), "grpc": {"port": 70000}}, "grpc.port"),
+        ({**minimal(), "auth": {"bearer_token": "long-enough-token", "bearer_token_env": "TOKEN"}}, "at most one"),
+        ({"models": []}, "models: "),
+        ({"models": minimal()["models"] * 2}, "duplicate model names: lm"),
+        (["not", "a", "mapping"], "top level must be a mapping"),
+    ],
+)
+def test_invalid_configs_name_the_field(data, expected):
+    assert expected in error_of(data)
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_deployment_options_from_resources_replicas_and_autoscaling():
+    fixed = parse_config(minimal(resources={"num_cpus": 0.5, "num_gpus": 0}, num_replicas=2, max_ongoing_requests=40)).models[0]
+    assert fixed.deployment_options() == {
+        "name": "model-lm",
+        "max_ongoing_requests": 40,
+        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.0},
+        "num_replicas": 2,
+    }
+    scaled = parse_config(minimal(autoscaling={"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2})).models[0]
+    options = scaled.deployment_options()
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2.0}
+
+
+def test_rendered_serve_config_passes_serves_schema_and_round_trips_the_config():
+    config = parse_config({**minimal(batching={"max_batch_size": 4}), "grpc": {"port": 9100, "request_timeout_s": 30}})
+    rendered = render_serve_config(config, base_dir="/srv/configs")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(rendered)))  # survives YAML, as in serveConfigV2
+    assert schema.grpc_options.port == 9100
+    assert schema.grpc_options.request_timeout_s == 30
+    assert list(schema.grpc_options.grpc_servicer_functions) == list(GRPC_SERVICER_FUNCTIONS)
+    (app,) = schema.applications
+    assert app.import_path == APP_IMPORT_PATH and app.name == "steering"
+    assert app.args["base_dir"] == "/srv/configs"
+    assert parse_config(app.args["config"]) == config
+
+
+def test_servicer_functions_and_app_builder_are_importable():
+    from ray._common.utils import import_attr
+
+    for path in GRPC_SERVICER_FUNCTIONS:
+        assert callable(import_attr(path))
+    module, _, name = APP_IMPORT_PATH.partition(":")
+    assert callable(import_attr(f"{module}.{name}"))
