@@ -15,12 +15,13 @@ the missing file of the right format.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from sae_runtime.errors import FormatError
+from sae_runtime.errors import FormatError, InvalidArgument
 from sae_runtime.formats import dictionary_learning, native, openai_topk, saelens, sparsify
 from sae_runtime.formats.common import LoadOptions, check_labels, parse_dtype, read_json
 from sae_runtime.saes import Sae
@@ -96,6 +97,23 @@ def detect_format(path: str | Path, *, hookpoint: str | None = None) -> str:
     return _detect(_directory(path, hookpoint))
 
 
+def _dtype_option(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        return parse_dtype(dtype, "dtype")
+    except FormatError as exc:
+        raise InvalidArgument(exc.message, field="dtype") from None
+
+
+def _factor_option(factor: float | None) -> float | None:
+    if factor is None:
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise InvalidArgument(f"must be a positive finite number, got {factor!r}", field="norm_scaling_factor")
+    return float(factor)
+
+
 def load_sae(path: str | Path, *, format: str | None = None, hookpoint: str | None = None,
              dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
              norm_scaling_factor: float | None = None) -> Sae:
@@ -111,8 +129,8 @@ def load_sae(path: str | Path, *, format: str | None = None, hookpoint: str | No
     name = format or _detect(directory)
     if name not in LOADERS:
         raise FormatError(f"unknown format {name!r} (known: {', '.join(LOADERS)})", field=str(directory))
-    opts = LoadOptions(dtype=None if dtype is None else parse_dtype(dtype, "<load option>"), device=device,
-                       norm_scaling_factor=norm_scaling_factor)
+    opts = LoadOptions(dtype=_dtype_option(dtype), device=device,
+                       norm_scaling_factor=_factor_option(norm_scaling_factor))
     sae = LOADERS[name](directory, opts)
     labels_path = directory / LABELS_FILE
     if labels_path.is_file():

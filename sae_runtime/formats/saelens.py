@@ -112,8 +112,8 @@ def _positive_factor(value: Any, key: str, path: Path) -> float | None:
 
 
 def find_norm_scaling_factor(directory: Path, raw: Mapping[str, Any], opts: LoadOptions) -> float | None:
-    if opts.norm_scaling_factor is not None:
-        return _positive_factor(opts.norm_scaling_factor, "norm_scaling_factor", Path("<load option>"))
+    if opts.norm_scaling_factor is not None:  # validated by load_sae
+        return opts.norm_scaling_factor
     scaler = directory / SCALER_FILE
     if scaler.is_file():
         factor = _positive_factor(read_json(scaler).get("scaling_factor"), "scaling_factor", scaler)

@@ -504,3 +504,12 @@ def test_pickle_payload_is_refused_and_never_executed(tmp_path):
         load_sae(tmp_path / "d")
     assert err.value.field.endswith("ae.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("dtype", "int8"), ("dtype", "float8"), ("norm_scaling_factor", 0.0),
+                                               ("norm_scaling_factor", float("nan"))])
+def test_bad_load_options_are_invalid_arguments(tmp_path, option, value):
+    saelens_jumprelu(tmp_path)
+    with pytest.raises(InvalidArgument) as err:
+        load_sae(tmp_path, **{option: value})
+    assert err.value.field == option
