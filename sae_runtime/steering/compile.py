@@ -1,0 +1,191 @@
+"""Compile a batch of per-row plans into dense per-row tensors, once per steering context.
+
+Every edit op is an affine map followed by an optional cap, so one formula covers all of them:
+
+    f' = min(f * mul + add + add_norm * ||x_n||, cap)
+
+============  =====  =====  ===================  =====
+op            mul    add    add_norm             cap
+============  =====  =====  ===================  =====
+(no edit)     1      0      0                    +inf
+set v         0      v      0                    +inf
+ablate        0      0      0                    +inf
+scale v       v      0      0                    +inf
+add v         1      v      0                    +inf
+add v, norm   1      0      v / ||W_dec[i]||     +inf
+cap v         1      0      0                    v
+============  =====  =====  ===================  =====
+
+A row that edits the same latent several times gets one *layer* per edit, applied in plan order,
+so the tensors are (K, B, U): K layers, B rows, U = the union of latents any row edits on that SAE.
+These formulas give exact results (``f * 0 + v == v``, ``f * 1 + 0 == f`` for finite f).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from sae_runtime.plan import EditOp, InterventionPlan
+from sae_runtime.saes.base import Sae
+
+
+@dataclass(frozen=True)
+class CompiledEdits:
+    """One SAE's edits for every row of a batch, as CPU tensors (device copies are made per group).
+
+    ``mul``/``add``/``add_norm``/``cap`` are (K, B, U) float64 on the CPU; ``latents`` is (U,).
+    ``edits_row[b]`` tells whether row b edits this SAE at all; ``preserve[b]`` its preserve_error.
+    """
+
+    sae: str
+    latents: Tensor
+    mul: Tensor
+    add: Tensor
+    add_norm: Tensor
+    cap: Tensor
+    edits_row: tuple[bool, ...]
+    preserve: tuple[bool, ...]
+
+    @property
+    def layers(self) -> int:
+        return self.mul.shape[0]
+
+
+def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, Sae]) -> dict[str, CompiledEdits]:
+    """Per SAE named by any plan: the union of edited latents and the per-row op tensors.
+
+    Plans must be validated (``InterventionPlan.resolve``): ops are EditOp, latents are ints.
+    """
+    n_rows = len(plans)
+    # sae -> row -> list of (latent, op, value, normalize) in plan order
+    per_sae: dict[str, list[list[tuple[int, EditOp, float, bool]]]] = {}
+    for row, plan in enumerate(plans):
+        if plan is None:
+            continue
+        for edit in plan.edits:
+            rows = per_sae.setdefault(edit.sae, [[] for _ in range(n_rows)])
+            for latent in edit.latents:
+                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize)))
+
+    compiled: dict[str, CompiledEdits] = {}
+    for name, rows in per_sae.items():
+        union = sorted({lat for row in rows for lat, *_ in row})
+        col = {lat: j for j, lat in enumerate(union)}
+        depth = [[0] * len(union) for _ in range(n_rows)]
+        for r, row in enumerate(rows):
+            for lat, *_ in row:
+                depth[r][col[lat]] += 1
+        k = max((d for row in depth for d in row), default=1)
+        shape = (k, n_rows, len(union))
+        mul, add = torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        add_norm, cap = torch.zeros(shape, dtype=torch.float64), torch.full(shape, math.inf, dtype=torch.float64)
+        idx = torch.tensor(union, dtype=torch.long)
+        row_norms = saes[name].decoder_rows(idx.to(saes[name].W_dec.device)).detach().double().norm(dim=-1).cpu()
+        for r, row in enumerate(rows):
+            layer = [0] * len(union)
+            for lat, op, value, normalize in row:
+                j = col[lat]
+                lk = layer[j]
+                layer[j] += 1
+                if op is EditOp.SET:
+                    mul[lk, r, j], add[lk, r, j] = 0.0, value
+                elif op is EditOp.ABLATE:
+                    mul[lk, r, j] = 0.0
+                elif op is EditOp.SCALE:
+                    mul[lk, r, j] = value
+                elif op is EditOp.ADD and normalize:
+                    norm = float(row_norms[j])
+                    add_norm[lk, r, j] = value / norm if norm > 0 else 0.0
+                elif op is EditOp.ADD:
+                    add[lk, r, j] = value
+                elif op is EditOp.CAP:
+                    cap[lk, r, j] = value
+        preserve = tuple(True if p is None else bool(p.preserve_error) for p in plans)
+        compiled[name] = CompiledEdits(
+            sae=name, latents=idx, mul=mul, add=add, add_norm=add_norm, cap=cap,
+            edits_row=tuple(bool(row) for row in rows), preserve=preserve,
+        )
+    return compiled
+
+
+@dataclass
+class EditGroup:
+    """The rows of one hook batch that one SAE edits in one forward, with their op tensors on device.
+
+    ``rows`` are hook-batch indices (R,); tensors are (K, R, 1, U) in the SAE's dtype, or None
+    when they are the identity for every entry (so the hot path skips those ops).
+    """
+
+    rows: Tensor
+    all_rows: bool
+    replace: bool  # preserve_error False: the reconstruction replaces the activation
+    latents: Tensor
+    decoder_rows: Tensor  # (U, d_in)
+    mul: Tensor | None
+    add: Tensor | None
+    add_norm: Tensor | None
+    cap: Tensor | None
+    mul_zero: bool  # every mul is 0 and K == 1: f' = add (set / ablate only)
+    plan_rows: tuple[int, ...]  # the plan row of each hook-batch row in ``rows``
+
+
+def make_group(
+    compiled: CompiledEdits, sae: Sae, batch_rows: Sequence[int], plan_rows: Sequence[int], n_batch: int, replace: bool
+) -> EditGroup:
+    """Gather the op tensors of ``plan_rows`` (one per hook-batch row in ``batch_rows``) onto the SAE's device."""
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+    sel = torch.tensor(list(plan_rows), dtype=torch.long)
+
+    def gather(t: Tensor, identity: float) -> Tensor | None:
+        g = t.index_select(1, sel)
+        if bool((g == identity).all()):
+            return None
+        return g.unsqueeze(2).to(device=device, dtype=dtype)
+
+    mul_cpu = compiled.mul.index_select(1, sel)
+    latents = compiled.latents.to(device)
+    return EditGroup(
+        rows=torch.tensor(list(batch_rows), dtype=torch.long, device=device),
+        all_rows=list(batch_rows) == list(range(n_batch)),
+        replace=replace,
+        latents=latents,
+        decoder_rows=sae.decoder_rows(latents).detach(),
+        mul=gather(compiled.mul, 1.0),
+        add=gather(compiled.add, 0.0),
+        add_norm=gather(compiled.add_norm, 0.0),
+        cap=gather(compiled.cap, math.inf),
+        mul_zero=compiled.layers == 1 and bool((mul_cpu == 0).all()),
+        plan_rows=tuple(plan_rows),
+    )
+
+
+def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None) -> Tensor:
+    """Edited latents f' from f (R, N, U); ``x_norm`` (R, N, 1) = ||x_n|| for normalised adds.
+
+    The result broadcasts against f (it may be (R, 1, U) or a scalar when it does not depend on f).
+    """
+    if group.mul_zero:
+        # set / ablate only (no add_norm, no cap): f' = add, broadcast over positions.
+        return group.add[0] if group.add is not None else torch.zeros((), dtype=f.dtype, device=f.device)
+    for k in range(group.mul.shape[0] if group.mul is not None else _layers(group)):
+        if group.mul is not None:
+            f = f * group.mul[k]
+        if group.add is not None:
+            f = f + group.add[k]
+        if group.add_norm is not None and x_norm is not None:
+            f = f + group.add_norm[k] * x_norm
+        if group.cap is not None:
+            f = torch.minimum(f, group.cap[k])
+    return f
+
+
+def _layers(group: EditGroup) -> int:
+    for t in (group.add, group.add_norm, group.cap):
+        if t is not None:
+            return t.shape[0]
+    return 0

@@ -1,0 +1,317 @@
+"""SteeringContext: apply per-row intervention plans and gather readouts inside a model's forwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_runtime.errors import InvalidArgument, NotFound
+from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope, VisionScope
+from sae_runtime.saes.base import Sae
+from sae_runtime.sites import HookSite, SiteKind
+from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
+from sae_runtime.steering.readout import ReadoutAccumulator, SaeReadout
+
+PHASES = ("prefill", "decode", "denoise")
+
+
+@dataclass(frozen=True)
+class AttachedSae:
+    """An SAE under its name, attached at a hook site."""
+
+    name: str
+    sae: Sae
+    site: HookSite
+
+
+def check_widths(model: nn.Module, saes: Mapping[str, AttachedSae]) -> None:
+    """InvalidArgument naming the SAE whose d_in differs from its site's width; NotFound for a bad site."""
+    for name, att in saes.items():
+        att.site.check_sae_width(model, att.sae.d_in, name)
+
+
+class SteeringContext:
+    """Hooks that apply ``plans[b]`` to row b of every forward run inside ``with ctx:``.
+
+    ``saes``: the model's SAEs by name (only those a plan edits or the readout names are hooked).
+    ``plans``: one per batch row (plan row); None or an empty plan leaves that row bit-identical.
+    Plans must be validated (``InterventionPlan.resolve``). ``readout``: SAEs to read on every row.
+    Before each forward, tell the context what it computes: :meth:`set_phase` (causal LM / LLaVA)
+    or :meth:`set_unet_step` (U-Net). See the package docstring for an example.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        saes: Mapping[str, AttachedSae],
+        plans: Sequence[InterventionPlan | None],
+        readout: ReadoutSpec | None = None,
+    ) -> None:
+        self.model = model
+        self.saes = dict(saes)
+        self.plans = list(plans)
+        self.n_rows = len(self.plans)
+        for n, plan in enumerate(self.plans):
+            for edit in () if plan is None else plan.edits:
+                if edit.sae not in self.saes:
+                    raise NotFound(f"unknown SAE {edit.sae!r}", field=f"plans[{n}].sae")
+        self.readout = readout if readout is not None and readout.saes else None
+        if self.readout is not None:
+            self.readout.check({k: a.sae for k, a in self.saes.items()})
+        self.compiled = compile_edits(self.plans, {k: a.sae for k, a in self.saes.items()})
+        read = set(self.readout.saes) if self.readout else set()
+        self._read = read
+        # Sites to hook, each with its SAEs in the mapping's order.
+        self._by_site: dict[HookSite, list[str]] = {}
+        for name, att in self.saes.items():
+            if name in self.compiled or name in read:
+                self._by_site.setdefault(att.site, []).append(name)
+        self._handles: list = []
+        self._groups: dict[tuple, list[EditGroup]] = {}
+        self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
+        self._acc: dict[tuple[str, str], ReadoutAccumulator] = {}
+        self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None, Tensor | None]] = {}
+        self.set_phase("prefill")
+
+    # -- what the next forward computes -------------------------------------------------------
+    def set_phase(self, phase: str, valid: Tensor | None = None, *, vision_rows: Sequence[int] | None = None) -> None:
+        """Declare the next forward(s): ``prefill`` (prompt positions) or ``decode`` (generated ones).
+
+        ``valid``: (B, T) attention mask of the tokens this forward computes (left padding = 0);
+        padding positions are neither edited nor read. None = all valid. ``vision_rows``: plan row
+        of each image in the vision tower's batch when it differs from 0..B-1.
+        """
+        if phase not in PHASES:
+            raise InvalidArgument(f"unknown phase {phase!r} (expected one of {PHASES})", field="phase")
+        self._phase = phase
+        self._valid = None if valid is None else valid.to(dtype=torch.bool)
+        self._vision_rows = None if vision_rows is None else tuple(int(r) for r in vision_rows)
+        self._step, self._cfg_doubled = 0, False
+        self._weights = {k: w for k, w in self._weights.items() if len(k) > 1}
+
+    def prefill(self, valid: Tensor | None = None, *, vision_rows: Sequence[int] | None = None) -> None:
+        """Shorthand for ``set_phase("prefill", valid, vision_rows=...)``."""
+        self.set_phase("prefill", valid, vision_rows=vision_rows)
+
+    def decode(self, valid: Tensor | None = None) -> None:
+        """Shorthand for ``set_phase("decode", valid)``."""
+        self.set_phase("decode", valid)
+
+    def set_unet_step(self, step: int, num_steps: int, cfg_doubled: bool) -> None:
+        """Declare the next U-Net forward: denoising ``step`` of ``num_steps``.
+
+        ``cfg_doubled``: the batch is [uncond rows, cond rows] (diffusers' order), 2 * B entries.
+        A batch that is not doubled counts as the cond half.
+        """
+        self.set_phase("denoise")
+        self._step, self._num_steps, self._cfg_doubled = int(step), int(num_steps), bool(cfg_doubled)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def __enter__(self) -> "SteeringContext":
+        check_widths(self.model, {n: self.saes[n] for names in self._by_site.values() for n in names})
+        try:
+            for site, names in self._by_site.items():
+                self._handles.append(site.attach(self.model, self._site_fn(site, names)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _site_fn(self, site: HookSite, names: list[str]):
+        def fn(x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
+            changed = False
+            with torch.no_grad():
+                for name in names:
+                    new = self._apply_sae(site, name, x, grid)
+                    if new is not None:
+                        x, changed = new, True
+            return x if changed else None
+
+        return fn
+
+    # -- the hot path -------------------------------------------------------------------------
+    def _apply_sae(self, site: HookSite, name: str, x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
+        sae = self.saes[name].sae
+        groups = self._groups_for(site, name, x.shape[0]) if name in self.compiled else []
+        read = name in self._read
+        if not groups and not read:
+            return None
+        xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
+        f_full = f_after = None
+        if read:
+            f_full = sae.encode(xs)
+            f_after = f_full
+        out = x
+        for g in groups:
+            xg = xs if g.all_rows else xs.index_select(0, g.rows)
+            x_n, norm = sae.normalize(xg)
+            fg_full = None
+            if f_full is not None:
+                fg_full = f_full if g.all_rows else f_full.index_select(0, g.rows)
+                f_u = fg_full.index_select(-1, g.latents)
+            elif g.replace or not sae.selective:
+                fg_full = sae.encode_normalized(x_n)
+                f_u = fg_full.index_select(-1, g.latents)
+            else:
+                f_u = sae.encode_selected_normalized(x_n, g.latents)
+            x_norm = x_n.norm(dim=-1, keepdim=True) if g.add_norm is not None else None
+            f_new = apply_ops(g, f_u, x_norm)
+            weight = self._weight(site, g, x.shape[1], grid)
+            if weight is not None:
+                f_new = torch.lerp(f_u, f_new.expand_as(f_u), weight)
+            if g.replace:
+                f_edit = fg_full.index_copy(-1, g.latents, f_new.expand_as(f_u))
+                recon = sae.decode(f_edit, norm)
+                new = recon if weight is None else torch.lerp(xg, recon, weight)
+            else:
+                delta = (f_new - f_u) @ g.decoder_rows
+                if norm is not None:
+                    delta = delta * norm.scale
+                new = xg + delta
+            new = new.to(x.dtype)
+            out = new if g.all_rows else out.index_copy(0, g.rows, new)
+            if read:
+                edited = f_edit if g.replace else fg_full.index_copy(-1, g.latents, f_new.expand_as(f_u))
+                if g.all_rows:
+                    f_after = edited
+                else:
+                    f_after = f_full.clone() if f_after is f_full else f_after
+                    f_after.index_copy_(0, g.rows, edited)
+        if read:
+            self._record(site, name, f_full, f_after, grid)
+        return out if groups else None
+
+    # -- per-forward row selection (host side, cached) -----------------------------------------
+    def _row_map(self, site: HookSite, n_batch: int) -> tuple[list[int], list[str]]:
+        """Plan row and CFG half ("cond"/"uncond") of each hook-batch entry."""
+        if site.kind is SiteKind.UNET_BLOCK:
+            if self._cfg_doubled:
+                if n_batch != 2 * self.n_rows:
+                    raise InvalidArgument(f"CFG-doubled U-Net batch of {n_batch} for {self.n_rows} plans", field="batch")
+                return [j % self.n_rows for j in range(n_batch)], ["uncond" if j < self.n_rows else "cond" for j in range(n_batch)]
+        elif site.kind is SiteKind.VISION_LAYER and self._vision_rows is not None:
+            if len(self._vision_rows) != n_batch:
+                raise InvalidArgument(f"vision batch of {n_batch} but {len(self._vision_rows)} vision_rows", field="vision_rows")
+            return list(self._vision_rows), ["cond"] * n_batch
+        if n_batch != self.n_rows:
+            raise InvalidArgument(f"site {site.name} sees a batch of {n_batch} for {self.n_rows} plans", field="batch")
+        return list(range(n_batch)), ["cond"] * n_batch
+
+    def _active(self, site: HookSite, row: int, half: str) -> bool:
+        scope = self.plans[row].scope  # type: ignore[union-attr]
+        if site.is_text:
+            return scope.tokens is TokenScope.ALL or (scope.tokens is TokenScope.PROMPT) == (self._phase == "prefill")
+        if site.kind is SiteKind.UNET_BLOCK:
+            end = scope.step_end if scope.step_end is not None else float("inf")
+            return scope.step_start <= self._step < end and scope.cfg_half in (CfgHalf.BOTH, CfgHalf(half))
+        return True
+
+    def _state_key(self, site: HookSite, n_batch: int) -> tuple:
+        if site.is_text:
+            return ("text", self._phase, n_batch)
+        if site.kind is SiteKind.UNET_BLOCK:
+            return ("unet", self._step, self._cfg_doubled, n_batch)
+        return ("vision", self._vision_rows, n_batch)
+
+    def _groups_for(self, site: HookSite, name: str, n_batch: int) -> list[EditGroup]:
+        key = (name, *self._state_key(site, n_batch))
+        groups = self._groups.get(key)
+        if groups is None:
+            compiled, sae = self.compiled[name], self.saes[name].sae
+            plan_rows, halves = self._row_map(site, n_batch)
+            groups = []
+            for replace in (False, True):
+                batch = [j for j, r in enumerate(plan_rows)
+                         if compiled.edits_row[r] and compiled.preserve[r] != replace and self._active(site, r, halves[j])]
+                if batch:
+                    groups.append(make_group(compiled, sae, batch, [plan_rows[j] for j in batch], n_batch, replace))
+            self._groups[key] = groups
+        return groups
+
+    def _weight(self, site: HookSite, g: EditGroup, n_pos: int, grid: tuple[int, int] | None) -> Tensor | None:
+        """Per-position weight (R, N, 1) of the edit, or None when every position is fully in scope."""
+        if site.is_text:
+            if self._valid is None:
+                return None
+            key: tuple = (id(g),)  # text weights are dropped by set_phase (the valid mask changes)
+        else:
+            key = (id(g), n_pos, grid)
+        if key in self._weights:
+            return self._weights[key]
+        dtype = g.decoder_rows.dtype
+        w: Tensor | None = None
+        if site.is_text:
+            valid = self._valid.to(g.rows.device)
+            if valid.shape[1] != n_pos:
+                raise InvalidArgument(f"valid mask covers {valid.shape[1]} positions, site {site.name} sees {n_pos}", field="valid")
+            w = valid.index_select(0, g.rows).unsqueeze(-1).to(dtype)
+        elif site.kind is SiteKind.VISION_LAYER:
+            cls = [self.plans[r].scope.vision is VisionScope.CLS for r in g.plan_rows]  # type: ignore[union-attr]
+            if any(cls):
+                w = torch.ones(len(cls), n_pos, 1, dtype=dtype, device=g.rows.device)
+                w[torch.tensor(cls, device=g.rows.device), 1:] = 0
+        else:
+            masks = [self.plans[r].scope.mask for r in g.plan_rows]  # type: ignore[union-attr]
+            if any(m is not None for m in masks):
+                w = torch.stack([
+                    torch.ones(grid, dtype=dtype) if m is None else _downsample(m, grid).to(dtype) for m in masks
+                ]).reshape(len(masks), -1, 1).to(g.rows.device)
+        self._weights[key] = w
+        return w
+
+    # -- readouts -----------------------------------------------------------------------------
+    def _record(self, site: HookSite, name: str, before: Tensor, after: Tensor, grid: tuple[int, int] | None) -> None:
+        n_batch = before.shape[0]
+        key = self._state_key(site, n_batch)
+        sel = self._readout_rows.get(key)
+        if sel is None:
+            plan_rows, halves = self._row_map(site, n_batch)
+            batch = [j for j, h in enumerate(halves) if h == "cond"]
+            device = before.device
+            idx = None if batch == list(range(n_batch)) else torch.tensor(batch, device=device)
+            rows = tuple(plan_rows[j] for j in batch)
+            identity = rows == tuple(range(self.n_rows))
+            sel = (tuple(batch), rows, idx, None if identity else torch.tensor(rows, device=device, dtype=torch.long))
+            self._readout_rows[key] = sel
+        _, rows, idx, rows_t = sel
+        if idx is not None:
+            before, after = before.index_select(0, idx), (after if after is before else after.index_select(0, idx))
+        valid = None
+        if site.is_text and self._valid is not None:
+            valid = self._valid.to(before.device)
+            if idx is not None:
+                valid = valid.index_select(0, idx)
+        acc = self._acc.get((name, self._phase))
+        if acc is None:
+            acc = ReadoutAccumulator(self.n_rows, before.shape[-1], self.readout.top_k, before.device, before.dtype)  # type: ignore[union-attr]
+            self._acc[(name, self._phase)] = acc
+        acc.add(rows, rows_t, before, after, valid, grid)
+
+    def readouts(self) -> list[dict[str, SaeReadout]]:
+        """Per plan row: SAE name -> its readout (phases it was seen in). Moves data to the CPU."""
+        per_row: list[dict[str, dict]] = [{n: {} for n in (self.readout.saes if self.readout else ())} for _ in range(self.n_rows)]
+        for (name, phase), acc in self._acc.items():
+            for r, phase_readout in enumerate(acc.finish()):
+                if phase_readout is not None:
+                    per_row[r][name][phase] = phase_readout
+        return [{n: SaeReadout(n, phases) for n, phases in row.items()} for row in per_row]
+
+
+def _downsample(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """An (H, W) mask in [0, 1] averaged down (or interpolated up) to the block's grid."""
+    m = mask.detach().float()[None, None]
+    if m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
+        return F.adaptive_avg_pool2d(m, grid)[0, 0]
+    return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
