@@ -1,0 +1,102 @@
+"""Names, tiny artifact builders and the session's service config, shared by the services tests."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+
+import torch
+
+LM = "lm"
+IMAGE = "img"
+LM_SAE = "res"
+IMG_SAE = "mid"
+LM_HOOK = "blocks.0.hook_resid_post"
+IMG_HOOK = "unet.mid_block.attentions.0"
+#: Labels written into the LM's SAE file (label -> latent index).
+LM_LABELS = {"color:red": 3, "color:blue": 5, "animal:cat": 9, "animal:dog": 17, "mood:happy": 40}
+IMG_LABELS = {"texture:fur": 7, "color:red": 11}
+LM_LIMITS = {"max_new_tokens": 24, "max_prompt_tokens": 64, "max_edits": 16, "max_batch_size": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_sae(d_in: int, d_sae: int, hook: str, labels: dict[str, int], seed: int):
+    from sae_runtime.saes.base import SaeConfig, build_sae
+
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+    sae.labels = dict(labels)
+    return sae
+
+
+def random_probe(sae_name: str, d_sae: int, labels: dict[str, int], seed: int):
+    from sae_runtime.risk import ProbeLayout, RiskProbe
+
+    g = torch.Generator().manual_seed(seed)
+    layout = ProbeLayout(((sae_name, d_sae),))
+    n = layout.n_features("final")
+    return RiskProbe(
+        layout=layout,
+        feature_mean=torch.zeros(n),
+        feature_std=torch.ones(n),
+        prompt_coef=torch.randn(layout.n_features("prompt"), generator=g) * 0.2,
+        prompt_intercept=-0.3,
+        final_coef=torch.randn(n, generator=g) * 0.2,
+        final_intercept=-0.3,
+        latent_labels={sae_name: dict(labels)},
+    )
+
+
+
+
+def service_config(grpc_port: int) -> dict:
+    small = {"num_cpus": 0.1, "torch_threads": 1}
+    return {
+        "grpc": {"port": grpc_port, "request_timeout_s": 120},
+        "ingress": {"num_cpus": 0.1},
+        "models": [
+            {
+                "name": LM,
+                "kind": "causal_lm",
+                "description": "tiny random llama",
+                "path": "lm",
+                "saes": [{"name": LM_SAE, "path": f"saes/{LM_SAE}", "format": "native"}],
+                "risk_probe": "risk",
+                "limits": LM_LIMITS,
+                "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1},
+                "resources": small,
+                "max_ongoing_requests": 64,
+            },
+            {
+                "name": IMAGE,
+                "kind": "sdxl_turbo",
+                "path": "sdxl",
+                "saes": [{"name": IMG_SAE, "path": f"saes/{IMG_SAE}"}],
+                "limits": {"max_inference_steps": 2, "max_image_side": 64, "max_batch_size": 4},
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "resources": small,
+            },
+        ],
+    }
+
+
+@contextmanager
+def one_thread():
+    """Run in-process reference computations with 1 torch thread, as the replicas do."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
