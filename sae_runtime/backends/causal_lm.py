@@ -58,7 +58,7 @@ from sae_runtime.errors import InvalidArgument, TooLarge
 from sae_runtime.plan import InterventionPlan, ReadoutSpec
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite
-from sae_runtime.steering.context import AttachedSae, SteeringContext, check_widths
+from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
 
 
 @dataclass
