@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def tiny_lm(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path), path
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
@@ -77,7 +78,7 @@ def texts(n: int, seed: int = 0) -> list[str]:
 
 # -- activation store -------------------------------------------------------------------------
 def test_activation_store_matches_unpadded_hidden_states(tiny_lm, tmp_path):
-    model, tok = tiny_lm
+    model, tok, _ = tiny_lm
     corpus = texts(11)
     mem = ActivationStore.collect(model, tok, corpus, "blocks.1.hook_resid_post", batch_size=4, progress=False)
     disk = ActivationStore.collect(model, tok, corpus, "blocks.1.hook_resid_post", batch_size=4, out_dir=tmp_path / "acts", shard_tokens=20, progress=False)
@@ -94,6 +95,9 @@ def test_activation_store_matches_unpadded_hidden_states(tiny_lm, tmp_path):
     torch.testing.assert_close(mem.tensor(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(reopened.tensor(), mem.tensor())
     assert torch.equal(reopened.column("token_ids"), torch.cat([tok(t, return_tensors="pt")["input_ids"][0] for t in corpus]))
+    # the input of layer 2 is the output of layer 1
+    pre = ActivationStore.collect(model, tok, corpus, "blocks.2.hook_resid_pre", batch_size=4, progress=False)
+    assert torch.equal(pre.tensor(), mem.tensor())
     # shuffled batches cover every row exactly once per epoch
     rows = torch.cat(list(reopened.batches(7, shuffle=True, seed=3)))
     assert rows.shape == mem.tensor().shape
@@ -198,7 +202,7 @@ def test_trainer_counts_dead_latents():
 
 # -- loss recovered ---------------------------------------------------------------------------
 def test_loss_recovered_equals_hand_formula(tiny_lm):
-    model, tok = tiny_lm
+    model, tok, _ = tiny_lm
     hook = "blocks.1.hook_resid_post"
     corpus = texts(40, seed=1)
     store = ActivationStore.collect(model, tok, corpus, hook, batch_size=8, progress=False)
@@ -227,7 +231,7 @@ def test_loss_recovered_equals_hand_formula(tiny_lm):
 
 
 def test_loss_recovered_ignores_padding(tiny_lm):
-    model, tok = tiny_lm
+    model, tok, _ = tiny_lm
     corpus = texts(6, seed=4)
     batch = tokenize(tok, corpus, 32)
     identity = lambda x: x  # noqa: E731
@@ -275,7 +279,7 @@ def test_precision_recall_by_hand_and_tie_breaking():
 
 def test_token_level_labelling_on_a_model(tiny_lm):
     """Label an SAE whose latent j reads a direction; check against the activations themselves."""
-    model, tok = tiny_lm
+    model, tok, _ = tiny_lm
     from sae_runtime.training.activations import capture
 
     sae = build_test_sae(4, d_in=32)
@@ -299,3 +303,103 @@ def build_test_sae(d_sae: int, d_in: int = 8):
     from sae_runtime.saes import SaeConfig, build_sae
 
     return build_sae(SaeConfig("standard", d_in=d_in, d_sae=d_sae))
+
+
+# -- command lines ----------------------------------------------------------------------------
+def test_train_sae_cli(tiny_lm, tmp_path, capsys):
+    from sae_runtime.train_sae import REPORT_FILE, main
+
+    _, _, model_dir = tiny_lm
+    (tmp_path / "texts.txt").write_text("\n".join(texts(60, seed=7)))
+    (tmp_path / "concepts.jsonl").write_text("\n".join(
+        json.dumps({"text": t, "concepts": ["has_sky"] if "sky" in t.split() else []}) for t in texts(30, seed=8)
+    ))
+    out = tmp_path / "sae"
+    rc = main([
+        "--model", str(model_dir), "--hook", "blocks.1.hook_resid_post", "--texts", str(tmp_path / "texts.txt"),
+        "--arch", "topk", "--d-sae", "32", "--k", "4", "--steps", "40", "--batch-size", "64", "--out", str(out),
+        "--format", "saelens", "--concepts", str(tmp_path / "concepts.jsonl"), "--eval-fraction", "0.2", "--no-progress",
+    ])
+    assert rc == 0
+    sae = load_sae(out)
+    assert isinstance(sae, TopKSae) and sae.cfg.k == 4 and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["final"]["l0"] <= 4 and report["final"]["fvu"] < report["initial"]["fvu"]
+    lr = report["loss_recovered"]
+    assert lr["fraction"] == pytest.approx((lr["zero_ablated"] - lr["with_sae"]) / (lr["zero_ablated"] - lr["clean"]))
+    assert report["labels"] and report["labels"][0]["concept"] == "has_sky"
+    assert "loss recovered" in capsys.readouterr().out
+
+
+def _sky_detector(model, tok):
+    """A standard SAE on the embeddings (blocks.0.hook_resid_pre) whose latent 0 fires only on "sky"."""
+    emb = model.get_input_embeddings().weight.detach()
+    sky = tok.convert_tokens_to_ids("sky")
+    e = emb[sky]
+    proj = emb @ (e / e.norm())
+    others = torch.cat([proj[:sky], proj[sky + 1 :]]).max()
+    sae = build_test_sae(8, d_in=emb.shape[1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(emb.shape[1], 8, generator=g) * 5)
+        sae.W_enc[:, 0] = e / e.norm()
+        sae.b_enc[0] = -(proj[sky] + others) / 2  # halfway between "sky" and the closest other token
+        sae.W_dec.copy_(torch.randn(8, emb.shape[1], generator=g))
+    sae.cfg = sae.cfg.replace(hook_name="blocks.0.hook_resid_pre")
+    pre = sae.encode(emb)[:, 0]
+    assert (pre > 0).nonzero().flatten().tolist() == [sky]
+    return sae
+
+
+def risk_rows(n: int, seed: int):
+    from sae_runtime.training.risk_data import LabelledCompletion
+
+    rows = []
+    for i, t in enumerate(texts(n, seed=seed)):
+        words = t.split()
+        prompt, completion = " ".join(words[:3]), " ".join(words[3:] + (["sky"] if i % 2 else []))
+        rows.append(LabelledCompletion(prompt, completion, int("sky" in completion.split())))
+    return rows
+
+
+def test_collect_pooled_matches_single_sequence_computation(tiny_lm):
+    from sae_runtime.training.activations import capture
+    from sae_runtime.training.risk_data import collect_pooled, encode_pair
+
+    model, tok, _ = tiny_lm
+    sae = _sky_detector(model, tok)
+    rows = risk_rows(9, seed=11)
+    pooled = collect_pooled(model, tok, {"emb": sae}, rows, batch_size=4, progress=False)["emb"]
+    for n, r in enumerate(rows):
+        ids, n_prompt = encode_pair(tok, r.prompt, r.completion, 256)
+        assert ids == tok(r.prompt)["input_ids"] + tok(r.completion, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lat = sae.encode(capture(model, "blocks.0.hook_resid_pre", torch.tensor([ids]))[0])
+        torch.testing.assert_close(pooled.prompt_mean[n], lat[:n_prompt].mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled.prompt_max[n], lat[:n_prompt].amax(0), atol=1e-5, rtol=1e-5)
+        gen = lat[n_prompt:]
+        torch.testing.assert_close(pooled.gen_mean[n], gen.mean(0) if len(gen) else torch.zeros(8), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled.gen_max[n], gen.amax(0) if len(gen) else torch.zeros(8), atol=1e-5, rtol=1e-5)
+        assert bool(pooled.gen_max[n, 0] > 0) == bool(r.label)
+
+
+def test_train_risk_cli(tiny_lm, tmp_path, capsys):
+    from sae_runtime.formats import save_native
+    from sae_runtime.risk import RiskProbe
+    from sae_runtime.train_risk import main
+
+    model, tok, model_dir = tiny_lm
+    sae_dir = save_native(_sky_detector(model, tok), tmp_path / "emb")
+    rows = risk_rows(80, seed=12)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": r.prompt, "completion": r.completion, "label": r.label}) for r in rows))
+    rc = main(["--model", str(model_dir), "--sae", f"emb={sae_dir}", "--data", str(data), "--out", str(tmp_path / "probe"),
+               "--l1", "0.02", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out AUROC" in printed
+    probe = RiskProbe.load(tmp_path / "probe")
+    assert probe.layout.saes == (("emb", 8),)
+    # the completion-side "sky" latent decides the label: the final head separates the held-out rows
+    assert probe.meta["test_auroc_final"] >= 0.95
+    assert probe.top_risk_latents(1) == [("emb", 0)]
