@@ -122,6 +122,9 @@ class TextResult:
     risk_prompt: RiskScore | None = None  # from the prompt alone, before generation
     risk_final: RiskScore | None = None  # from prompt and generated tokens
     timings: Timings = Timings()
+    #: LLaVA: per vision-encoder position of the image (CLS first, then patches row-major), the top
+    #: latents of the vision SAEs the readout names. Empty for text-only models and requests.
+    vision_latents: tuple[tuple[PositionLatents, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,8 @@ class EncodeResult:
     latents: tuple[tuple[PositionLatents, ...], ...]  # per position
     pooled: tuple[PooledLatents, ...] = ()
     risk: RiskScore | None = None
+    #: LLaVA: per vision-encoder position (CLS first), the top latents of the vision SAEs named.
+    vision_latents: tuple[tuple[PositionLatents, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,342 @@
+"""LLaVA backend: LlavaForConditionalGeneration (llava-hf layout) with SAEs on vision-encoder and
+language-model layers, generating under per-request plans.
+
+It is the causal-LM backend with a prefill that also runs the image: the same batched, KV-cached
+decode loop (:mod:`.lm_loop`), sampler, readouts, risk scores and result assembly
+(:mod:`.causal_lm`), plus:
+
+- images arrive as PNG/JPEG bytes (``TextRequest.image``), decoded with Pillow
+  (:func:`.images.decode_image`: malformed bytes are InvalidArgument on ``image``, oversized ones
+  TooLarge) and turned into ``pixel_values`` by the model's processor (AutoProcessor), which also
+  expands the prompt's image token into one token per image feature. A prompt that names no
+  image token gets one in front (``<image>\\n``); chat messages get an image entry in the first
+  user message;
+- vision SAEs (sites ``vision.layers.L``: the output of CLIP encoder layer L, all tokens with CLS
+  at position 0; LLaVA-1.5 feeds ``hidden_states[-2]`` = layer ``n_layers - 2`` to its projector)
+  are edited in the prefill forward, on every vision position or on CLS only (``scope.vision``);
+  language-model SAEs follow the token scopes of the causal LM;
+- readouts of vision SAEs come back per vision position in ``TextResult.vision_latents`` and
+  pooled over the vision positions in ``pooled``; a risk probe reading a vision SAE sees those
+  pools as its prompt pools.
+
+``max_prompt_tokens`` counts the text tokens of a prompt, not the image tokens the processor adds
+(576 for LLaVA-1.5), which are bounded by the image processor instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sae_runtime.backends.causal_lm import CausalLmBackend, _BatchRun, _Row
+from sae_runtime.backends.images import decode_image
+from sae_runtime.backends.lm_loop import RowSpec, decode_loop
+from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
+from sae_runtime.backends.lm_validation import check_encode, check_text_request
+from sae_runtime.backends.sampling import new_generator
+from sae_runtime.backends.spec import Limits, ModelSpec
+from sae_runtime.backends.types import EncodeRequest, EncodeResult, ImageRequest, TextRequest
+from sae_runtime.errors import InvalidArgument, TooLarge
+from sae_runtime.plan import ReadoutSpec
+from sae_runtime.saes.base import Sae
+from sae_runtime.sites import HookSite, SiteKind
+from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
+
+
+class LlavaBackend(CausalLmBackend):
+    """A LlavaForConditionalGeneration, its processor, SAEs (name -> Sae with ``cfg.hook_name``) and risk probe."""
+
+    kind = "llava"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        saes: Mapping[str, Sae],
+        *,
+        risk_probe: Any = None,
+        name: str = "llava",
+        description: str = "",
+        limits: Limits = Limits(),
+        version: str = "",
+    ) -> None:
+        sites: dict[str, HookSite] = {}
+        for sae_name, sae in saes.items():
+            if not sae.cfg.hook_name:
+                raise InvalidArgument(f"SAE {sae_name!r} names no hook site", field=f"saes.{sae_name}.hook_name")
+            site = HookSite.parse(sae.cfg.hook_name, field=f"saes.{sae_name}.hook_name")
+            if not (site.is_text or site.kind is SiteKind.VISION_LAYER):
+                raise InvalidArgument(f"site {site.name} is neither a language-model nor a vision-encoder site", field=f"saes.{sae_name}.hook_name")
+            sites[sae_name] = site
+        text = {n: s for n, s in saes.items() if sites[n].is_text}
+        super().__init__(model, processor.tokenizer, text, risk_probe=None, name=name, description=description, limits=limits, version=version)
+        self.processor = processor
+        self.saes = dict(saes)
+        self.vision_saes = tuple(n for n in saes if not sites[n].is_text)
+        for sae_name in self.vision_saes:
+            self.saes[sae_name].eval().requires_grad_(False)
+            self.attached[sae_name] = AttachedSae(sae_name, self.saes[sae_name], sites[sae_name])
+        check_widths(model, {n: self.attached[n] for n in self.vision_saes})
+        if risk_probe is not None:
+            for sae_name, d in risk_probe.layout.saes:
+                if sae_name not in self.saes or self.saes[sae_name].d_sae != d:
+                    raise InvalidArgument(f"the risk probe reads SAE {sae_name!r} with {d} latents, which this model lacks", field="risk_probe")
+        self.risk_probe = risk_probe
+        self.labels = LabelIndex({n: s.labels for n, s in self.saes.items()})
+        self.image_token = getattr(processor, "image_token", None) or "<image>"
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "LlavaBackend":
+        """Load model and processor (``from_pretrained``: a local directory or a hub id), SAEs and probe."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        from sae_runtime.errors import FormatError
+        from sae_runtime.formats import load_sae
+
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
+            processor = AutoProcessor.from_pretrained(spec.path)
+        except OSError as err:
+            raise FormatError(f"cannot load a LLaVA model and processor: {err}", field=spec.path) from None
+        saes = {}
+        for s in spec.saes:
+            sae = load_sae(s.path, format=s.format, device=spec.device)
+            if s.hook_name:
+                sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
+            saes[s.name] = sae
+        probe = None
+        if spec.risk_probe:
+            from sae_runtime.risk import RiskProbe
+
+            probe = RiskProbe.load(spec.risk_probe)
+        return cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
+                   description=spec.description, limits=spec.limits)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> TextRequest | EncodeRequest:
+        """As the causal LM, plus the image: decoded once here so bad bytes fail before batching."""
+        p = field_prefix
+        if isinstance(request, EncodeRequest):
+            check_encode(self, replace(request, image=None, text=request.text or " "), p)
+            if request.image is not None:
+                self._decode(request.image, f"{p}image")
+            elif not request.text:
+                raise InvalidArgument("give text, an image or both", field=f"{p}text")
+            return request
+        if not isinstance(request, TextRequest):
+            raise InvalidArgument(f"llava generates text, got a {type(request).__name__}", field=p.rstrip(".") or None)
+        if request.messages:
+            # Rendered here (the chat template may live on the processor, not the tokenizer).
+            if request.prompt:
+                raise InvalidArgument("give either prompt or messages, not both", field=f"{p}messages")
+            for n, m in enumerate(request.messages):
+                if not isinstance(m.role, str) or not m.role:
+                    raise InvalidArgument("role must be a non-empty string", field=f"{p}messages[{n}].role")
+                if not isinstance(m.content, str):
+                    raise InvalidArgument("content must be a string", field=f"{p}messages[{n}].content")
+            text, _ = self.prompt_text(request)
+            checked = check_text_request(self, replace(request, prompt=text, messages=(), image=None), p)
+            checked = replace(checked, prompt=request.prompt, messages=request.messages)
+        else:
+            checked = check_text_request(self, replace(request, image=None), p)
+        texts = [request.prompt] + [m.content for m in request.messages]
+        if request.image is None:
+            if any(self.image_token in t for t in texts):
+                raise InvalidArgument(f"the prompt has an image token {self.image_token!r} but no image was given", field=f"{p}image")
+            return checked
+        self._decode(request.image, f"{p}image")
+        if sum(t.count(self.image_token) for t in texts) > 1:
+            raise InvalidArgument(f"one image per request: the prompt has several {self.image_token!r} tokens", field=f"{p}prompt")
+        ids, _ = self.prompt_inputs(replace(checked, image=request.image), f"{p}image")
+        if self.max_positions is not None and len(ids) + checked.sampling.max_new_tokens > self.max_positions:
+            raise TooLarge(f"{len(ids)} prompt tokens (image included) + {checked.sampling.max_new_tokens} new tokens exceed "
+                           f"the model's {self.max_positions} positions", field=f"{p}sampling.max_new_tokens")
+        return replace(checked, image=request.image)
+
+    def _decode(self, data: bytes, field: str):
+        return decode_image(data, field=field, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side)
+
+    # -- prompts -----------------------------------------------------------------------------
+    def prompt_text(self, request: TextRequest) -> tuple[str, bool]:
+        """(prompt text with the image token where the image goes, whether to add special tokens)."""
+        has_image = request.image is not None
+        if not request.messages:
+            text = request.prompt
+            if has_image and self.image_token not in text:
+                text = f"{self.image_token}\n{text}"
+            return text, True
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if has_image and not any(self.image_token in m.content for m in request.messages):
+            first = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+            # llava-hf templates read structured content; plain templates print it, so fall back.
+            structured = [
+                {**m, "content": ([{"type": "image"}] if i == first else []) + [{"type": "text", "text": m["content"]}]}
+                for i, m in enumerate(messages)
+            ]
+            text = self.processor.apply_chat_template(structured, add_generation_prompt=True, tokenize=False)
+            if "'type'" not in text and self.image_token in text and all(m["content"] in text for m in messages):
+                return text, False
+            messages[first] = {**messages[first], "content": f"{self.image_token}\n{messages[first]['content']}"}
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+
+    def prompt_inputs(self, request: TextRequest, field: str = "image") -> tuple[list[int], Tensor | None]:
+        """Token ids of the prompt (image tokens expanded) and pixel_values (1, 3, H, W) or None."""
+        text, special = self.prompt_text(request)
+        if request.image is None:
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"]), None
+        image = self._decode(request.image, field)
+        enc = self.processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=special)
+        dtype = next(self.model.parameters()).dtype
+        return enc["input_ids"][0].tolist(), enc["pixel_values"].to(dtype)
+
+    # -- generation --------------------------------------------------------------------------
+    def _run(self, requests: Sequence[TextRequest]) -> "_LlavaBatchRun":
+        if len(requests) > self.limits.max_batch_size:
+            raise TooLarge(f"{len(requests)} requests exceed the batch limit of {self.limits.max_batch_size}", field="requests")
+        checked = [self.validate(r, f"requests[{i}]." if len(requests) > 1 else "") for i, r in enumerate(requests)]
+        return _LlavaBatchRun(self, checked)  # type: ignore[arg-type]
+
+    # -- encoding ----------------------------------------------------------------------------
+    def encode(self, request: EncodeRequest) -> EncodeResult:
+        """Latents of ``request.saes`` for a text and/or image without generating: text SAEs per
+        prompt token (image tokens included), vision SAEs per vision position in ``vision_latents``."""
+        self.validate(request)
+        req = TextRequest(prompt=request.text, image=request.image)
+        ids, pixels = self.prompt_inputs(req)
+        names = list(request.saes) or list(self.saes)
+        text_names = [n for n in names if n not in self.vision_saes]
+        vision_names = [n for n in names if n in self.vision_saes]
+        probe_saes = [n for n, _ in self.risk_probe.layout.saes] if self.risk_probe is not None else []
+        read = list(dict.fromkeys(names + probe_saes))
+        device = next(self.model.parameters()).device
+        inputs: dict[str, Any] = {"input_ids": torch.tensor([ids], device=device)}
+        if pixels is not None:
+            inputs["pixel_values"] = pixels.to(device)
+        with torch.inference_mode():
+            ctx = SteeringContext(self.model, self.attached, [None], ReadoutSpec(tuple(read), request.top_k))
+            with ctx:
+                ctx.prefill()
+                self.model(**inputs)
+            readout = ctx.readouts()[0]
+        risk = None
+        if self.risk_probe is not None:
+            d_sae = {n: self.saes[n].d_sae for n in probe_saes}
+            risk = self.risk_probe.score_prompt(risk_pools(readout, probe_saes, d_sae, with_generated=False))
+        return EncodeResult(
+            tokens=tuple(self.tokenizer.decode([i]) for i in ids),
+            latents=tuple(position_latents(readout, "prefill", text_names, request.top_k, self.labels)) if text_names else tuple(() for _ in ids),
+            pooled=pooled_latents(readout, names, request.top_k, self.labels),
+            risk=risk,
+            vision_latents=tuple(position_latents(readout, "prefill", vision_names, request.top_k, self.labels)) if vision_names else (),
+        )
+
+
+class _WithPixels(nn.Module):
+    """The LLaVA model seen by the decode loop: its first forward (the prefill) also gets the images."""
+
+    def __init__(self, model: nn.Module, pixel_values: Tensor | None) -> None:
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self._pixels = pixel_values
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: Any = None, use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> Any:
+        extra = {}
+        if self._pixels is not None:
+            extra["pixel_values"] = self._pixels.to(input_ids.device)
+            self._pixels = None
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
+
+
+class _VisionRowsSteering:
+    """Forwards the loop's phase calls to a SteeringContext, adding which plan row owns each image."""
+
+    def __init__(self, ctx: SteeringContext, vision_rows: Sequence[int] | None) -> None:
+        self.ctx, self.vision_rows = ctx, vision_rows
+
+    def prefill(self, valid: Tensor | None = None) -> None:
+        self.ctx.prefill(valid, vision_rows=self.vision_rows)
+
+    def decode(self, valid: Tensor | None = None) -> None:
+        self.ctx.decode(valid)
+
+
+class _LlavaBatchRun(_BatchRun):
+    """The causal LM's batch run with images: rows' pixel_values go into the prefill forward."""
+
+    def __init__(self, backend: LlavaBackend, requests: Sequence[TextRequest]) -> None:
+        self.backend = backend
+        self.started = time.perf_counter()
+        probe = backend.risk_probe
+        self.probe_saes = [n for n, _ in probe.layout.saes] if probe is not None else []
+        vision = set(backend.vision_saes)
+        self.full_readouts = [r.readout for r in requests]
+        # The parent's per-token results read only the language-model SAEs; vision ones are added in results().
+        self.requests = [
+            replace(r, readout=replace(r.readout, saes=tuple(s for s in r.readout.saes if s not in vision))) if r.readout else r
+            for r in requests
+        ]
+        self.rows: list[_Row] = []
+        pixels: list[Tensor] = []
+        vision_rows: list[int] = []
+        for i, req in enumerate(requests):
+            ids, pix = backend.prompt_inputs(req)
+            gen, seed = new_generator(req.sampling.seed)
+            reads = bool(req.readout and req.readout.saes) or probe is not None
+            plan = req.plan
+            if req.mitigate_risk_top_n > 0:
+                from sae_runtime.risk import mitigation_edits
+
+                plan = replace(plan, edits=plan.edits + mitigation_edits(probe, req.mitigate_risk_top_n))
+            twins = [(False, gen, plan)] + ([(True, new_generator(seed)[0], None)] if req.include_default else [])
+            for is_default, generator, row_plan in twins:
+                if pix is not None:
+                    pixels.append(pix)
+                    vision_rows.append(len(self.rows))
+                self.rows.append(_Row(i, is_default, RowSpec(list(ids), req.sampling, generator, req.logprobs, reads), row_plan))
+        self.pixel_values = torch.cat(pixels) if pixels else None
+        self.vision_rows = None if vision_rows == list(range(len(self.rows))) else vision_rows
+        read = [s for r in requests if r.readout for s in r.readout.saes] + self.probe_saes
+        read = list(dict.fromkeys(read))
+        top_k = max([r.readout.top_k for r in requests if r.readout] or [1])
+        self.ctx = SteeringContext(backend.model, backend.attached, [r.plan for r in self.rows], ReadoutSpec(tuple(read), top_k) if read else None)
+        self._readouts = None
+        self._readouts_at = -1
+        self.state = None
+        self.loop = self._loop()
+
+    def _loop(self) -> Iterator[Any]:
+        b = self.backend
+        model = _WithPixels(b.model, self.pixel_values)
+        steering = _VisionRowsSteering(self.ctx, self.vision_rows)
+        with torch.inference_mode(), self.ctx:
+            for state in decode_loop(model, b.tokenizer, [r.spec for r in self.rows], steering=steering,
+                                     eos_ids=b.eos_ids, pad_id=b.pad_id, vocab_size=b.vocab_size):
+                self.state = state
+                yield state
+
+    def results(self, state: Any) -> list:
+        out = super().results(state)
+        b = self.backend
+        for i, full in enumerate(self.full_readouts):
+            if not full or not any(s in b.vision_saes for s in full.saes):
+                continue
+            steered = next(j for j, r in enumerate(self.rows) if r.request == i and not r.default)
+            readout = self.readouts()[steered]
+            vision = [s for s in full.saes if s in b.vision_saes]
+            out[i] = replace(
+                out[i],
+                vision_latents=tuple(position_latents(readout, "prefill", vision, full.top_k, b.labels)),
+                pooled=pooled_latents(readout, full.saes, full.top_k, b.labels),
+            )
+        return out
+
+
+__all__ = ["LlavaBackend"]
