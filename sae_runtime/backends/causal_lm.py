@@ -88,7 +88,7 @@ class CausalLmBackend(Backend):
         limits: Limits = Limits(),
         version: str = "",
     ) -> None:
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.saes = dict(saes)
         self.risk_probe = risk_probe
@@ -217,7 +217,7 @@ class CausalLmBackend(Backend):
         read = list(dict.fromkeys(names + probe_saes))
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
-        with torch.inference_mode():
+        with torch.no_grad():
             if read:
                 ctx = SteeringContext(self.model, self.attached, [None], ReadoutSpec(tuple(read), max(request.top_k, 1)))
                 with ctx:
@@ -273,7 +273,7 @@ class _BatchRun:
 
     def _loop(self) -> Iterator[LoopState]:
         b = self.backend
-        with torch.inference_mode(), self.ctx:
+        with self.ctx:  # hooks only: decode_loop sets grad mode per forward (thread-safe resumption)
             for state in decode_loop(b.model, b.tokenizer, [r.spec for r in self.rows], steering=self.ctx,
                                      eos_ids=b.eos_ids, pad_id=b.pad_id, vocab_size=b.vocab_size):
                 self.state = state

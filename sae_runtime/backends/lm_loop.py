@@ -119,7 +119,10 @@ def decode_loop(
 
     if steering is not None:
         steering.prefill(attention.bool())
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, **keep_last)
+    # Grad mode is set per forward, never held across a yield: a streaming consumer may resume
+    # this generator on another thread, and grad/inference modes are thread-local.
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, **keep_last)
     cache = out.past_key_values
     state.forwards = 1
     last_pos = positions[:, -1:]
@@ -128,7 +131,8 @@ def decode_loop(
         p.n_read = 0
     while True:
         sampling = [not p.text.done for p in state.rows]
-        step = sampler.step(logits, sampling)
+        with torch.no_grad():
+            step = sampler.step(logits, sampling)
         _push_tokens(state, step.tokens, step.logprobs, sampling, n_logprobs, tokenizer)
         feed = [sampling[i] and not p.finished for i, p in enumerate(state.rows)]
         yield state
@@ -140,7 +144,8 @@ def decode_loop(
         last_pos = last_pos + 1
         if steering is not None:
             steering.decode(feed_t.unsqueeze(1))
-        out = model(input_ids=next_ids, attention_mask=attention, position_ids=last_pos, past_key_values=cache, use_cache=True)
+        with torch.no_grad():
+            out = model(input_ids=next_ids, attention_mask=attention, position_ids=last_pos, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         state.forwards += 1
         logits = out.logits[:, -1, :]

@@ -281,6 +281,29 @@ def test_stream_equals_generate(backend):
     assert events[-2].risk == pytest.approx(want.risk_final.probability)
 
 
+def test_stream_resumed_on_other_threads_matches_and_leaks_no_grad_mode(backend):
+    """The service calls next() on the stream from a thread pool: each step may run elsewhere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    req = TextRequest(prompt=PROMPTS[1], plan=_steer_plan(), sampling=SamplingParams(max_new_tokens=5, temperature=1.0, seed=8))
+    [want] = backend.generate([req])
+    events, done = backend.stream(req), object()
+    got = []
+    pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+    try:
+        for i in range(100):
+            event = pools[i % 2].submit(next, events, done).result()
+            if event is done:
+                break
+            got.append(event)
+        grad_modes = [p.submit(torch.is_grad_enabled).result() for p in pools]
+    finally:
+        for p in pools:
+            p.shutdown()
+    assert _no_timings(got[-1].result) == _no_timings(want)
+    assert grad_modes == [True, True] and torch.is_grad_enabled()
+
+
 def test_stop_strings_cut_the_text(backend):
     base = SamplingParams(max_new_tokens=10)
     [full] = backend.generate([TextRequest(prompt=PROMPTS[2], sampling=base)])
