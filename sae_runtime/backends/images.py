@@ -1,4 +1,4 @@
-"""Image bytes in and out: PNG/JPEG decoding with clear errors, PNG encoding, heatmaps, mask resampling.
+"""Image bytes in and out: PNG/JPEG decoding with clear errors, PNG encoding, heatmaps.
 
 Every decoding failure is a typed error naming the request field: malformed or unsupported bytes
 are InvalidArgument, bytes or pixel counts over the configured limits are TooLarge. The pixel
@@ -11,8 +11,6 @@ import io
 import warnings
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -67,21 +65,6 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
 def png_to_array(data: bytes) -> np.ndarray:
     """uint8 array (H, W, C) of PNG/JPEG bytes (a test and client convenience; no limits)."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resample a (H, W) mask in [0, 1] to ``size`` = (h, w) by area averaging.
-
-    Each block cell gets the mean of the image pixels it covers (bilinear when upsampling), so a
-    binary mask aligned with the cell grid stays binary and a cell fully outside the mask is 0.
-    """
-    m = mask.detach().to(torch.float32)[None, None]
-    h, w = size
-    if h <= m.shape[-2] and w <= m.shape[-1]:
-        out = F.adaptive_avg_pool2d(m, (h, w))
-    else:
-        out = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-    return out[0, 0].clamp(0.0, 1.0)
 
 
 def _colormap(t: np.ndarray) -> np.ndarray:

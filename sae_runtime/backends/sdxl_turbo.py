@@ -1,23 +1,30 @@
 """SDXL-Turbo backend: StableDiffusionXLPipeline with SAEs on U-Net transformer blocks.
 
 Each SAE reads a transformer block's UPDATE (output minus input), NCHW permuted to NHWC, one SAE
-input per spatial position (sdxl-unbox). A request's plan edits that update per position:
+input per spatial position (sdxl-unbox; site ``unet.<block path>``, see :mod:`sae_runtime.sites`).
+A request's plan edits that update per position (reference.md section 4, error term kept by
+default), applied by a :class:`~sae_runtime.steering.SteeringContext` inside the pipeline's own
+U-Net forwards:
 
-    update' = update + w(p) * (edit(update) - update)
-
-where ``w(p)`` is the request's spatial mask (image resolution, area-downsampled to the block's
-grid; 1 everywhere without a mask) and ``edit`` is the latent edit of reference.md section 4
-(error term kept by default). Edits apply only on denoising steps in the plan's window
-[step_start, step_end) and on the chosen classifier-free-guidance half (the pipeline stacks the
-U-Net batch as [uncond rows, cond rows]; without CFG every row is ``cond``).
+- ``scope.mask``: (H, W) at image resolution, values in [0, 1], area-averaged down to each
+  block's grid; a cell's edit is weighted by its mask value (soft edges);
+- ``scope.step_start``/``step_end``: the denoising steps [start, end) that are edited;
+- ``scope.cfg_half``: the classifier-free-guidance half edited (the pipeline stacks the U-Net
+  batch as [uncond rows, cond rows]; without guidance every row is ``cond``).
 
 The sdxl-unbox intervention "strength * W_dec[i] at every position" is ``add strength`` on latent
 i; "times the latent's own activation map" is ``scale (1 + strength)``; "times its mean
-activation" is ``add strength * mean[i]`` (the client has mean[i] from a readout).
+activation" is ``add strength * mean[i]`` (mean[i] from a readout, or the SAE's ``latent_mean``).
 
-Requests that share steps, guidance and size run as one batched pipeline call (one generator per
-row, so a row's image does not depend on its batch mates); ``include_default`` adds the unsteered
-twin (same prompt and seed) as one more row of the same call.
+Requests that share steps, guidance and size run as ONE batched pipeline call, one generator per
+row (diffusers draws each row's initial latents from its own generator, so a row's image does not
+depend on its batch mates up to float rounding); ``include_default`` adds the unsteered twin
+(same prompt and seed) as one more row of the same call.
+
+Readouts (latent maps): per requested SAE, the top-k latents by mean activation over the block's
+positions, each with its (h, w) map and a heatmap PNG over the image. The maps are the SAE's
+encoding of the block's update AS THE STEERED IMAGE COMPUTED IT (edits included), on the cond
+half, averaged over the denoising steps.
 """
 
 from __future__ import annotations
@@ -49,50 +56,31 @@ from sae_runtime.backends.types import (
     label_of,
 )
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
-from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec
+from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec
 from sae_runtime.saes.base import Sae
-
-
-def block_path(hook_name: str) -> str:
-    """Module path under the U-Net of a hook name: ``unet.up_blocks.0.attentions.1`` or without ``unet.``."""
-    return hook_name[len("unet.") :] if hook_name.startswith("unet.") else hook_name
-
-
-def resolve_block(unet: nn.Module, hook_name: str, field: str = "hook_name") -> nn.Module:
-    """The transformer block a hook name names; NotFound unless it is a Transformer2DModel-like block."""
-    try:
-        module = unet.get_submodule(block_path(hook_name))
-    except AttributeError:
-        raise NotFound(f"the U-Net has no module {hook_name!r}", field=field) from None
-    if not (hasattr(module, "proj_in") and hasattr(module, "proj_out") and hasattr(module, "transformer_blocks")):
-        raise NotFound(f"{hook_name!r} is a {type(module).__name__}, not a U-Net transformer block", field=field)
-    return module
+from sae_runtime.sites import HookSite, SiteKind
+from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
 
 
 @dataclass
 class _Row:
-    """One image row of a batched pipeline call."""
+    """One image row of a batched pipeline call, and the latent maps it reads."""
 
     plan: InterventionPlan
     readout: ReadoutSpec | None
-    masks: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # block (h, w) -> mask cells
-    maps: dict[str, Tensor] = field(default_factory=dict)  # sae -> summed latents (h, w, d_sae)
+    maps: dict[str, Tensor] = field(default_factory=dict)  # sae -> latents summed over steps (h, w, d_sae)
     steps_read: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class _Run:
-    """State of one pipeline call, read by the block hooks. ``step`` is set before each U-Net forward."""
+    """One pipeline call: its rows, the steering context, and the step the next U-Net forward runs."""
 
     rows: list[_Row]
     cfg: bool
-    step: int = -1
-
-    def batch_rows(self, n: int) -> list[tuple[_Row, CfgHalf]]:
-        """(row, half) for each of the U-Net's ``n`` batch entries: [uncond rows, cond rows] with CFG."""
-        if self.cfg:
-            return [(r, CfgHalf.UNCOND) for r in self.rows] + [(r, CfgHalf.COND) for r in self.rows]
-        return [(r, CfgHalf.COND) for r in self.rows]
+    num_steps: int
+    ctx: SteeringContext | None
+    step: int = 0
 
 
 class SdxlTurboBackend(Backend):
@@ -115,21 +103,22 @@ class SdxlTurboBackend(Backend):
         self.saes = dict(saes)
         self.name, self.description, self.limits, self.version = name, description, limits, version
         self._run: _Run | None = None
-        self._blocks: dict[str, list[str]] = {}  # block path -> SAE names reading it
+        self.attached: dict[str, AttachedSae] = {}
+        blocks: dict[HookSite, list[str]] = {}
         for sae_name, sae in self.saes.items():
             if not sae.cfg.hook_name:
                 raise InvalidArgument(f"SAE {sae_name!r} names no hook site", field=f"saes.{sae_name}.hook_name")
-            block = resolve_block(pipe.unet, sae.cfg.hook_name, field=f"saes.{sae_name}.hook_name")
-            channels = block.proj_out.out_features if isinstance(block.proj_out, nn.Linear) else block.proj_out.out_channels
-            if channels != sae.d_in:
-                raise InvalidArgument(f"SAE d_in {sae.d_in} != {channels} channels of {sae.cfg.hook_name}", field=f"saes.{sae_name}.d_in")
+            site = HookSite.parse(sae.cfg.hook_name, field=f"saes.{sae_name}.hook_name")
+            if site.kind is not SiteKind.UNET_BLOCK:
+                raise InvalidArgument(f"site {site.name} is not a U-Net transformer block", field=f"saes.{sae_name}.hook_name")
             sae.eval().requires_grad_(False)
-            self._blocks.setdefault(block_path(sae.cfg.hook_name), []).append(sae_name)
-        self._handles = [
-            pipe.unet.get_submodule(path).register_forward_hook(self._make_hook(names), with_kwargs=True)
-            for path, names in self._blocks.items()
-        ]
-        self._handles.append(pipe.unet.register_forward_pre_hook(self._count_step))
+            self.attached[sae_name] = AttachedSae(sae_name, sae, site)
+            blocks.setdefault(site, []).append(sae_name)
+        check_widths(pipe.unet, self.attached)
+        # Map recorders run after the steering hooks (those are prepended when a run starts).
+        self._handles = [site.resolve(pipe.unet).register_forward_hook(self._map_recorder(names), with_kwargs=True)
+                         for site, names in blocks.items()]
+        self._handles.append(pipe.unet.register_forward_pre_hook(self._before_unet))
         vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         #: Image sides must be multiples of this (VAE and U-Net downsampling, and diffusers' 8).
         self.size_multiple = int(np.lcm(8, vae_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)))
@@ -141,15 +130,20 @@ class SdxlTurboBackend(Backend):
         """Load the pipeline (``from_pretrained``: a directory or hub id) and the SAEs ``spec`` names."""
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(spec.path, torch_dtype=getattr(torch, spec.dtype)).to(spec.device)
-        from sae_runtime.formats import load_sae  # owned by the formats module
+        from sae_runtime.errors import FormatError
+        from sae_runtime.formats import load_sae
 
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
+        except (OSError, ValueError) as err:
+            raise FormatError(f"cannot load a StableDiffusionXLPipeline: {err}", field=spec.path) from None
+        pipe = pipe.to(spec.device)
         saes = {}
         for s in spec.saes:
-            sae = load_sae(s.path, format=s.format)
+            sae = load_sae(s.path, format=s.format, device=spec.device)
             if s.hook_name:
                 sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
-            saes[s.name] = sae.to(spec.device)
+            saes[s.name] = sae
         return cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits)
 
     def close(self) -> None:
@@ -163,7 +157,7 @@ class SdxlTurboBackend(Backend):
             kind=self.kind,
             description=self.description,
             saes=tuple(
-                SaeInfo(name=n, hook_name=s.cfg.hook_name or "", architecture=s.cfg.architecture, d_in=s.d_in,
+                SaeInfo(name=n, hook_name=self.attached[n].site.name, architecture=s.cfg.architecture, d_in=s.d_in,
                         d_sae=s.d_sae, has_labels=bool(s.labels), version=self.version)
                 for n, s in self.saes.items()
             ),
@@ -261,10 +255,15 @@ class SdxlTurboBackend(Backend):
 
     @torch.inference_mode()
     def _call_pipe(self, rows: list[_Row], prompts, negatives, seeds, first: ImageRequest) -> list:
+        """One pipeline call for ``rows`` (all with ``first``'s steps, guidance and size); PIL images."""
         device = self.pipe.device
         cfg = first.guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
-        self._run = _Run(rows=rows, cfg=cfg)
+        plans = [r.plan if r.plan.edits else None for r in rows]
+        ctx = SteeringContext(self.pipe.unet, self.attached, plans) if any(plans) else None
+        self._run = _Run(rows=rows, cfg=cfg, num_steps=first.num_inference_steps, ctx=ctx)
         try:
+            if ctx is not None:
+                ctx.__enter__()
             out = self.pipe(
                 prompt=list(prompts),
                 negative_prompt=list(negatives) if cfg else None,
@@ -276,74 +275,45 @@ class SdxlTurboBackend(Backend):
                 output_type="pil",
             )
         finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
             self._run = None
         return out.images
 
     # -- hooks -------------------------------------------------------------------------------
-    def _count_step(self, module: nn.Module, args: Any) -> None:
-        if self._run is not None:
-            self._run.step += 1
+    def _before_unet(self, module: nn.Module, args: Any) -> None:
+        """Tell the steering context which denoising step (and batch layout) the U-Net runs next."""
+        run = self._run
+        if run is None:
+            return
+        if run.ctx is not None:
+            run.ctx.set_unet_step(run.step, run.num_steps, run.cfg)
+        run.step += 1
 
-    def _make_hook(self, sae_names: list[str]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _map_recorder(self, sae_names: list[str]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             run = self._run
             if run is None:
-                return None
+                return
+            readers = [(j, r) for j, r in enumerate(run.rows) if r.readout is not None and any(n in r.readout.saes for n in sae_names)]
+            if not readers:
+                return
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output.sample
-            edited = self._edit_block(run, sae_names, x_in, x_out)
-            if edited is None:
-                return None
-            if isinstance(output, tuple):
-                return (edited,) + tuple(output[1:])
-            output.sample = edited
-            return output
+            offset = len(run.rows) if run.cfg else 0  # cond rows follow the uncond rows
+            idx = torch.tensor([offset + j for j, _ in readers], device=x_out.device)
+            update = (x_out.index_select(0, idx) - x_in.index_select(0, idx)).permute(0, 2, 3, 1)  # (R, h, w, C)
+            with torch.no_grad():
+                for name in sae_names:
+                    sae = self.saes[name]
+                    latents = sae.encode(update.to(sae.W_dec.dtype)).float()
+                    for k, (_, row) in enumerate(readers):
+                        if name in row.readout.saes:
+                            acc = row.maps.get(name)
+                            row.maps[name] = latents[k] if acc is None else acc + latents[k]
+                            row.steps_read[name] = row.steps_read.get(name, 0) + 1
 
         return hook
-
-    def _edit_block(self, run: _Run, sae_names: list[str], x_in: Tensor, x_out: Tensor) -> Tensor | None:
-        """Apply each row's edits (and record readouts) on a block's update; None when nothing changes."""
-        n, c, h, w = x_out.shape
-        entries = run.batch_rows(n)
-        update = (x_out - x_in).permute(0, 2, 3, 1).reshape(n, h * w, c)  # NHWC, one row per position
-        new_update = None
-        for sae_name in sae_names:
-            sae = self.saes[sae_name]
-            for b, (row, half) in enumerate(entries):
-                plan = row.plan
-                edits = [e for e in plan.edits if e.sae == sae_name]
-                want_read = half is CfgHalf.COND and row.readout is not None and sae_name in row.readout.saes
-                in_window = plan.scope.step_start <= run.step and (plan.scope.step_end is None or run.step < plan.scope.step_end)
-                in_half = plan.scope.cfg_half in (CfgHalf.BOTH, half)
-                if not (want_read or (edits and in_window and in_half)):
-                    continue
-                x = (new_update if new_update is not None else update)[b].to(sae.W_dec.dtype)
-                weight = self._mask_cells(row, h, w, x.device) if edits and in_window and in_half else None
-                x_new, latents_after = _apply_row_edits(
-                    sae, x, edits if (in_window and in_half) else [], preserve_error=plan.preserve_error,
-                    weight=weight, want_latents=want_read,
-                )
-                if want_read:
-                    acc = row.maps.get(sae_name)
-                    grid = latents_after.reshape(h, w, -1).float()
-                    row.maps[sae_name] = grid if acc is None else acc + grid
-                    row.steps_read[sae_name] = row.steps_read.get(sae_name, 0) + 1
-                if x_new is not None:
-                    if new_update is None:
-                        new_update = update.clone()
-                    new_update[b] = x_new.to(update.dtype)
-        if new_update is None:
-            return None
-        return x_in + new_update.reshape(n, h, w, c).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def _mask_cells(row: _Row, h: int, w: int, device: torch.device) -> Tensor | None:
-        mask = row.plan.scope.mask
-        if mask is None:
-            return None
-        if (h, w) not in row.masks:
-            row.masks[(h, w)] = images.resize_mask(mask, (h, w)).reshape(h * w, 1).to(device)
-        return row.masks[(h, w)]
 
     # -- readouts ----------------------------------------------------------------------------
     def _latent_maps(self, row: _Row, image: Any) -> tuple[LatentMap, ...]:
@@ -389,60 +359,3 @@ def _top(values: Tensor, k: int, sae: Sae) -> tuple[LatentActivation, ...]:
     top = torch.topk(values, k=min(k, values.numel()))
     return tuple(LatentActivation(index=i, value=v, label=label_of(sae.labels, i)) for v, i in zip(top.values.tolist(), top.indices.tolist()))
 
-
-# -- edit math (a local adapter until sae_runtime.steering offers a per-row entry point) ---------
-def _edit_latents(f: Tensor, idx: list[int], edits: Sequence[LatentEdit], x_norm: Tensor | None, rows_norm: Tensor | None, scale: Tensor | float) -> Tensor:
-    """Apply ``edits`` in order to f (P, k), whose columns are the latents ``idx``; returns f'."""
-    f = f.clone()
-    col = {i: n for n, i in enumerate(idx)}
-    for e in edits:
-        cols = [col[i] for i in e.latents]
-        cur = f[:, cols]
-        if e.op is EditOp.SET:
-            new = torch.full_like(cur, e.value)
-        elif e.op is EditOp.ABLATE:
-            new = torch.zeros_like(cur)
-        elif e.op is EditOp.SCALE:
-            new = cur * e.value
-        elif e.op is EditOp.CAP:
-            new = torch.minimum(cur, torch.full_like(cur, e.value))
-        elif e.normalize:  # add, norm-relative: x += value * ||x|| * W_dec[i] / ||W_dec[i]||
-            new = cur + e.value * x_norm / (rows_norm[cols] * scale)
-        else:
-            new = cur + e.value
-        f[:, cols] = new
-    return f
-
-
-def _apply_row_edits(
-    sae: Sae, x: Tensor, edits: Sequence[LatentEdit], *, preserve_error: bool, weight: Tensor | None, want_latents: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """Edit one row's activations x (P, d_in) at P positions; returns (x' or None, latents or None).
-
-    x' = x + weight * (edit(x) - x), weight (P, 1) in [0, 1] or None (= 1). With ``preserve_error``
-    edit(x) = x + norm_scale * (f' - f)[edited] @ W_dec[edited]; without, edit(x) = D(f').
-    The latents returned (P, d_sae) are the clean encode with the edited latents replaced by f'
-    (blended by ``weight`` like the activations).
-    """
-    x_n, norm = sae.normalize(x)
-    scale = 1.0 if norm is None else norm.scale
-    idx = list(dict.fromkeys(i for e in edits for i in e.latents))
-    full = sae.encode_normalized(x_n) if (want_latents or (edits and not preserve_error)) else None
-    if not edits:
-        return None, full
-    idx_t = torch.tensor(idx, device=x.device)
-    rows = sae.decoder_rows(idx_t)
-    f = full.index_select(-1, idx_t) if full is not None else sae.encode_selected_normalized(x_n, idx_t)
-    x_norm = x.norm(dim=-1, keepdim=True) if any(e.normalize for e in edits) else None
-    f_new = _edit_latents(f, idx, edits, x_norm, rows.norm(dim=-1), scale)
-    if preserve_error:
-        x_edit = x + scale * ((f_new - f) @ rows)
-    else:
-        f_all = full.clone()
-        f_all[:, idx_t] = f_new
-        x_edit = sae.decode(f_all, norm)
-    x_out = x_edit if weight is None else x + weight * (x_edit - x)
-    if full is not None:
-        full = full.clone()
-        full[:, idx_t] = f_new if weight is None else f + weight * (f_new - f)
-    return x_out, full

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sae_runtime.backends.images import decode_image, encode_png, png_to_array, render_heatmap, resize_mask
+from sae_runtime.backends.images import decode_image, encode_png, png_to_array, render_heatmap
 from sae_runtime.errors import InvalidArgument, TooLarge
 
 
@@ -69,12 +69,3 @@ def test_heatmap_is_blended_over_the_base_image():
     assert out[0, 0].sum() > 600 and out[31, 31].sum() == 0  # hot corner white, cold corner black
     alone = png_to_array(render_heatmap(torch.tensor(values)))
     assert alone.shape == (4, 4, 3) and tuple(alone[0, 0]) == (255, 255, 255)
-
-
-def test_resize_mask_area_average():
-    mask = torch.zeros(8, 8)
-    mask[:, :3] = 1.0
-    small = resize_mask(mask, (2, 2))
-    torch.testing.assert_close(small, torch.tensor([[0.75, 0.0], [0.75, 0.0]]))
-    up = resize_mask(torch.ones(2, 2), (4, 4))
-    assert torch.equal(up, torch.ones(4, 4))

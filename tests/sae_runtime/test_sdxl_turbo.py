@@ -9,10 +9,11 @@ from diffusers import StableDiffusionXLPipeline
 
 from sae_runtime.backends.images import png_to_array
 from sae_runtime.backends.sdxl_turbo import SdxlTurboBackend
-from sae_runtime.backends.spec import Limits
+from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import EncodeRequest, ImageRequest
 from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
-from sae_runtime.errors import InvalidArgument, NotFound, TooLarge
+from sae_runtime.errors import FormatError, InvalidArgument, NotFound, TooLarge
+from sae_runtime.formats import save_native
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
 from sae_runtime.saes.base import SaeConfig, build_sae
 
@@ -36,10 +37,14 @@ def pipe_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(pipe_dir):
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir)
-    saes = {"mid": random_sae(MID, 1), "up": random_sae(UP, 2)}
-    b = SdxlTurboBackend(pipe, saes, limits=Limits(max_inference_steps=4))
+def backend(pipe_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl_saes")
+    specs = []
+    for name, hook, seed in (("mid", MID, 1), ("up", UP, 2)):
+        save_native(random_sae(hook, seed), root / name)
+        specs.append(SaeSpec(name=name, path=str(root / name)))
+    b = SdxlTurboBackend.from_spec(ModelSpec(name="tiny-sdxl", kind="sdxl_turbo", path=str(pipe_dir), saes=tuple(specs),
+                                             limits=Limits(max_inference_steps=4)))
     yield b
     b.close()
 
@@ -62,29 +67,26 @@ def run(backend, **kw):
     return backend.generate_images([req])[0]
 
 
-class UpdateRecorder:
-    """Records a block's update (output - input, NHWC) before and after the backend's edit hook."""
+def block_updates(backend, block: str, **kw) -> list[torch.Tensor]:
+    """A block's update (output - input, NHWC) at each denoising step of one solo request, edits included.
 
-    def __init__(self, unet, path: str):
-        block = unet.get_submodule(path.removeprefix("unet."))
-        self.before: list[torch.Tensor] = []
-        self.after: list[torch.Tensor] = []
-        self.handles = [
-            block.register_forward_hook(self._hook(self.before), with_kwargs=True, prepend=True),
-            block.register_forward_hook(self._hook(self.after), with_kwargs=True),
-        ]
+    The recorder is registered before the call, so it runs after the steering hooks (prepended
+    when the call starts). Solo runs of the same request are bitwise reproducible.
+    """
+    module = backend.pipe.unet.get_submodule(block.removeprefix("unet."))
+    seen: list[torch.Tensor] = []
 
-    @staticmethod
-    def _hook(store):
-        def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output.sample
-            store.append((out - args[0]).permute(0, 2, 3, 1).detach().clone())
+    def hook(mod, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output.sample
+        seen.append((out - args[0]).permute(0, 2, 3, 1).detach().clone())
 
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        result = run(backend, **kw)
+    finally:
+        handle.remove()
+    block_updates.last_result = result
+    return seen
 
 
 def test_empty_plan_reproduces_pipeline_image_exactly(backend, reference_pipe):
@@ -110,12 +112,10 @@ def test_masked_edit_changes_update_only_inside_mask(backend):
     mask[8:40, 20:50] = 1.0  # not aligned with the 16x16 grid of the block (4 px cells): soft edges
     value, latent = 25.0, 11
     plan = InterventionPlan(edits=(LatentEdit(sae="mid", op=EditOp.ADD, latents=(latent,), value=value),), scope=Scope(mask=mask))
-    rec = UpdateRecorder(backend.pipe.unet, MID)
-    try:
-        run(backend, prompt="a house", seed=1, num_inference_steps=1, plan=plan)
-    finally:
-        rec.close()
-    before, after = rec.before[0][0], rec.after[0][0]  # (16, 16, 64)
+    request = dict(prompt="a house", seed=1, num_inference_steps=1)
+    (before,) = block_updates(backend, MID, **request)
+    (after,) = block_updates(backend, MID, plan=plan, **request)
+    before, after = before[0], after[0]  # (16, 16, 64)
     cells = mask.reshape(16, 4, 16, 4).mean(dim=(1, 3))  # area fraction of each cell, computed here
     expected = cells[:, :, None] * value * backend.saes["mid"].W_dec[latent]
     diff = after - before
@@ -137,37 +137,28 @@ def test_step_window_outside_run_changes_nothing(backend, reference_pipe):
     got = png_to_array(run(backend, prompt="a blue sea", seed=5, num_inference_steps=2, plan=first).png)
     assert np.abs(got.astype(int) - want.astype(int)).max() > 10
     second = InterventionPlan(edits=(edit,), scope=Scope(step_start=1, step_end=2))
-    rec = UpdateRecorder(backend.pipe.unet, UP)
-    try:
-        run(backend, prompt="a blue sea", seed=5, num_inference_steps=2, plan=second)
-    finally:
-        rec.close()
-    assert len(rec.before) == 2
-    assert torch.equal(rec.after[0], rec.before[0])
-    assert (rec.after[1] - rec.before[1]).abs().max() > 1.0
+    clean = block_updates(backend, UP, prompt="a blue sea", seed=5, num_inference_steps=2)
+    edited = block_updates(backend, UP, prompt="a blue sea", seed=5, num_inference_steps=2, plan=second)
+    assert len(clean) == len(edited) == 2
+    assert torch.equal(edited[0], clean[0])
+    assert (edited[1] - clean[1]).abs().max() > 1.0
 
 
 def test_cfg_half_cond_edits_only_cond_rows(backend):
     plan = InterventionPlan(edits=(LatentEdit(sae="mid", op=EditOp.SET, latents=(4,), value=40.0),), scope=Scope(cfg_half=CfgHalf.COND))
-    rec = UpdateRecorder(backend.pipe.unet, MID)
-    try:
-        run(backend, prompt="a dog", negative_prompt="blurry", seed=2, num_inference_steps=1, guidance_scale=2.0, plan=plan)
-    finally:
-        rec.close()
-    before, after = rec.before[0], rec.after[0]  # (2, 16, 16, 64): [uncond, cond]
-    assert before.shape[0] == 2
+    request = dict(prompt="a dog", negative_prompt="blurry", seed=2, num_inference_steps=1, guidance_scale=2.0)
+    (before,) = block_updates(backend, MID, **request)
+    (after,) = block_updates(backend, MID, plan=plan, **request)
+    assert before.shape[0] == 2  # [uncond, cond]
     assert torch.equal(after[0], before[0])
     assert (after[1] - before[1]).abs().max() > 1.0
 
 
 def test_readout_maps_match_an_independent_encode(backend):
-    rec = UpdateRecorder(backend.pipe.unet, MID)
-    try:
-        res = run(backend, prompt="a green tree", seed=4, num_inference_steps=1, readout=ReadoutSpec(saes=("mid",), top_k=3))
-    finally:
-        rec.close()
+    (update,) = block_updates(backend, MID, prompt="a green tree", seed=4, num_inference_steps=1, readout=ReadoutSpec(saes=("mid",), top_k=3))
+    res = block_updates.last_result
+    update = update[0]  # (16, 16, 64)
     sae = backend.saes["mid"]
-    update = rec.before[0][0]  # (16, 16, 64)
     latents = torch.relu((update - sae.b_dec) @ sae.W_enc + sae.b_enc)  # the standard SAE, by hand
     means = latents.mean(dim=(0, 1))
     want_top = torch.topk(means, 3).indices.tolist()
@@ -179,6 +170,17 @@ def test_readout_maps_match_an_independent_encode(backend):
         torch.testing.assert_close(vals, latents[:, :, m.latent], rtol=1e-4, atol=1e-4)
         assert m.mean == pytest.approx(float(means[m.latent]), rel=1e-4)
         assert png_to_array(m.heatmap_png).shape == (64, 64, 3)
+
+
+def test_readout_maps_of_a_steered_image_read_the_edited_update(backend):
+    plan = InterventionPlan(edits=(LatentEdit(sae="mid", op=EditOp.SET, latents=(21,), value=30.0),))
+    updates = block_updates(backend, MID, prompt="a green tree", seed=4, num_inference_steps=2, plan=plan,
+                            readout=ReadoutSpec(saes=("mid",), top_k=2))
+    res = block_updates.last_result
+    sae = backend.saes["mid"]
+    latents = torch.stack([torch.relu((u[0] - sae.b_dec) @ sae.W_enc + sae.b_enc) for u in updates]).mean(0)  # over steps
+    for m in res.latent_maps:
+        torch.testing.assert_close(torch.tensor(m.values), latents[:, :, m.latent], rtol=1e-4, atol=1e-4)
 
 
 def test_batched_rows_keep_their_own_plans_and_seeds(backend):
@@ -213,6 +215,11 @@ def test_validation_names_fields(backend):
     assert e.value.field == "image"
     with pytest.raises(NotFound):
         SdxlTurboBackend(backend.pipe, {"bad": random_sae("unet.down_blocks.0.resnets.0", 3)})
+    with pytest.raises(InvalidArgument) as e:
+        SdxlTurboBackend(backend.pipe, {"narrow": random_sae(MID, 3, d_in=32)})
+    assert e.value.field == "narrow"
+    with pytest.raises(FormatError):
+        SdxlTurboBackend.from_spec(ModelSpec(name="x", kind="sdxl_turbo", path="/nonexistent/sdxl"))
 
 
 def test_encode_pools_block_latents(backend):
