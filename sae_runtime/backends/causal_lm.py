@@ -193,9 +193,8 @@ class CausalLmBackend(Backend):
             steered = state.rows[0]
             ready = steered.ready
             if ready > sent:
-                tokens = run.tokens(state, 0, upto=ready)
                 risk = run.running_risk(0) if self.risk_probe is not None else None
-                for tok in tokens[sent:ready]:
+                for tok in run.tokens(state, 0, start=sent, upto=ready):
                     yield StreamEvent(token=tok, risk=risk)
                 sent = ready
         yield StreamEvent(token=None, result=run.results(state)[0])
@@ -288,18 +287,19 @@ class _BatchRun:
             self._readouts_at = forwards
         return self._readouts
 
-    def tokens(self, state: LoopState, row: int, upto: int | None = None) -> list[GeneratedToken]:
-        """GeneratedTokens of ``row`` (the first ``upto``), with latents when the request reads any."""
-        progress = state.rows[row]
-        records = progress.text.records[:upto]
+    def tokens(self, state: LoopState, row: int, start: int = 0, upto: int | None = None) -> list[GeneratedToken]:
+        """GeneratedTokens ``start .. upto-1`` of ``row``, with latents when the request reads any."""
+        records = state.rows[row].text.records
+        upto = len(records) if upto is None else upto
         req = self.requests[self.rows[row].request]
         latents: list[tuple] = []
         if req.readout and req.readout.saes:
-            latents = position_latents(self.readouts()[row], "decode", req.readout.saes, req.readout.top_k, self.backend.labels, count=len(records))
+            latents = position_latents(self.readouts()[row], "decode", req.readout.saes, req.readout.top_k, self.backend.labels,
+                                       count=upto, start=start)
         return [
             GeneratedToken(id=r.id, text=r.text, logprob=r.logprob, top_logprobs=r.top_logprobs,
                            latents=latents[j] if j < len(latents) else ())
-            for j, r in enumerate(records)
+            for j, r in enumerate(records[start:upto])
         ]
 
     def _risk(self, row: int, final: bool) -> Any:

@@ -47,10 +47,12 @@ def _activations(sae: str, indices: Tensor, values: Tensor, k: int, labels: Labe
     return tuple(out)
 
 
-def position_latents(readout: Mapping[str, Any], phase: str, saes: Sequence[str], top_k: int, labels: LabelIndex, count: int | None = None) -> list[tuple[PositionLatents, ...]]:
+def position_latents(readout: Mapping[str, Any], phase: str, saes: Sequence[str], top_k: int, labels: LabelIndex,
+                     count: int | None = None, start: int = 0) -> list[tuple[PositionLatents, ...]]:
     """Per position of ``phase`` ("prefill" | "decode"): one PositionLatents per SAE in ``saes``.
 
-    ``readout`` is one row's ``{sae: SaeReadout}``; ``count`` keeps only the first positions.
+    ``readout`` is one row's ``{sae: SaeReadout}``; only positions ``start .. count-1`` are
+    converted (all when ``count`` is None), so the list starts at position ``start``.
     """
     per_sae = []
     n = None
@@ -66,7 +68,7 @@ def position_latents(readout: Mapping[str, Any], phase: str, saes: Sequence[str]
     if count is not None:
         n = min(n, count)
     positions = []
-    for j in range(n):
+    for j in range(start, n):
         entries = []
         for sae, pr in zip(saes, per_sae):
             entries.append(PositionLatents(
