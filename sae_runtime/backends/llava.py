@@ -217,7 +217,7 @@ class LlavaBackend(CausalLmBackend):
         inputs: dict[str, Any] = {"input_ids": torch.tensor([ids], device=device)}
         if pixels is not None:
             inputs["pixel_values"] = pixels.to(device)
-        with torch.inference_mode():
+        with torch.no_grad():
             ctx = SteeringContext(self.model, self.attached, [None], ReadoutSpec(tuple(read), request.top_k))
             with ctx:
                 ctx.prefill()
@@ -316,7 +316,7 @@ class _LlavaBatchRun(_BatchRun):
         b = self.backend
         model = _WithPixels(b.model, self.pixel_values)
         steering = _VisionRowsSteering(self.ctx, self.vision_rows)
-        with torch.inference_mode(), self.ctx:
+        with self.ctx:  # hooks only: decode_loop sets grad mode per forward (thread-safe resumption)
             for state in decode_loop(model, b.tokenizer, [r.spec for r in self.rows], steering=steering,
                                      eos_ids=b.eos_ids, pad_id=b.pad_id, vocab_size=b.vocab_size):
                 self.state = state

@@ -253,7 +253,7 @@ class SdxlTurboBackend(Backend):
             )
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _call_pipe(self, rows: list[_Row], prompts, negatives, seeds, first: ImageRequest) -> list:
         """One pipeline call for ``rows`` (all with ``first``'s steps, guidance and size); PIL images."""
         device = self.pipe.device

@@ -229,3 +229,14 @@ def test_info_lists_vision_and_text_saes(backend):
     info = backend.info()
     assert info.kind == "llava"
     assert {s.name: s.hook_name for s in info.saes} == {"vis": FEATURE_LAYER, "vis0": EARLY_LAYER, "lm": LM_SITE}
+
+
+def test_stream_matches_generate(backend):
+    plan = InterventionPlan(edits=(LatentEdit(sae="vis", op=EditOp.SET, latents=(1,), value=35.0),))
+    req = backend.validate(TextRequest(prompt="what is this", image=png(9), sampling=greedy(4), plan=plan,
+                                       readout=ReadoutSpec(saes=("vis",), top_k=2)))
+    events = list(backend.stream(req))
+    final = events[-1].result
+    [want] = backend.generate([req])
+    assert [e.token.id for e in events[:-1]] == [t.id for t in want.steered.tokens] == [t.id for t in final.steered.tokens]
+    assert final.vision_latents == want.vision_latents and len(final.vision_latents) == N_VISION
