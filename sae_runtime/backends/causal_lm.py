@@ -172,14 +172,25 @@ class CausalLmBackend(Backend):
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[TextRequest]) -> list[TextResult]:
-        """Generate for all requests in one batch (validated again here; cheap and idempotent)."""
+        """Generate for the requests, ``limits.max_batch_size`` of them per batched pass.
+
+        Every request is validated first (again: cheap and idempotent), so an error names its
+        request (``requests[2].sampling.top_p``) before anything runs. Rows are isolated, so how
+        requests are split into passes does not change any result.
+        """
         if not requests:
             return []
-        run = self._run(requests)
-        state = None
-        for state in run.loop:
-            pass
-        return run.results(state)
+        for i, r in enumerate(requests):
+            self.validate(r, f"requests[{i}]." if len(requests) > 1 else "")
+        limit = max(1, self.limits.max_batch_size)
+        results: list[TextResult] = []
+        for start in range(0, len(requests), limit):
+            run = self._run(requests[start : start + limit])
+            state = None
+            for state in run.loop:
+                pass
+            results.extend(run.results(state))
+        return results
 
     def stream(self, request: TextRequest) -> Iterator[StreamEvent]:
         """Yield one StreamEvent per generated token of the steered row (with the running risk when
@@ -200,6 +211,7 @@ class CausalLmBackend(Backend):
         yield StreamEvent(token=None, result=run.results(state)[0])
 
     def _run(self, requests: Sequence[TextRequest]) -> "_BatchRun":
+        """One batched pass over at most ``limits.max_batch_size`` requests."""
         if len(requests) > self.limits.max_batch_size:
             raise TooLarge(f"{len(requests)} requests exceed the batch limit of {self.limits.max_batch_size}", field="requests")
         checked = [check_text_request(self, r, f"requests[{i}]." if len(requests) > 1 else "") for i, r in enumerate(requests)]

@@ -225,6 +225,10 @@ def test_batched_equals_solo_for_different_plans_and_seeds(backend):
     assert _ids(batched[0].default) == _ids(alone.steered)
     assert _ids(batched[0].default) != _ids(batched[0].steered)
     assert _ids(batched[0].steered) != _ids(batched[3].steered)  # different seeds, same plan
+    # more requests than the batch limit run as several passes, with the same results
+    small = CausalLmBackend(backend.model, backend.tokenizer, backend.saes, risk_probe=backend.risk_probe,
+                            limits=dataclasses.replace(backend.limits, max_batch_size=3))
+    assert_close(small.generate(reqs), batched)
 
 
 # -- sampling ----------------------------------------------------------------------------------------
