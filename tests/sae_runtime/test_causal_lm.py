@@ -202,6 +202,7 @@ def test_steered_kv_cache_decoding_equals_no_cache_recomputation(backend, scope)
     assert _ids(res.steered) == want_ids
     assert [t.logprob for t in res.steered.tokens] == pytest.approx(want_lp, abs=1e-4)
     assert _ids(res.steered) != _ids(res.default)  # the edit matters for this model
+    assert res.timings.compute_ms > 0
     if scope is TokenScope.GENERATED:  # edits at decode positions cannot change the first token
         assert res.steered.tokens[0].id == res.default.tokens[0].id
 
