@@ -67,14 +67,17 @@ def grpc_options(config: ServiceConfig) -> gRPCOptions:
     )
 
 
-def start(config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None) -> ServiceConfig:
-    """Start Ray (if needed), Serve with the gRPC proxy, and the application; wait until it runs."""
+def start(
+    config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None, http_port: int = 8000
+) -> ServiceConfig:
+    """Start Ray (if needed), Serve with the gRPC proxy, and the application; wait until it runs.
+    (Serve's HTTP proxy also listens, on 127.0.0.1:``http_port``; the API itself is gRPC.)"""
     import ray
 
     config = load_config(config_path)
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))
-    serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1"})
+    serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": http_port})
     app = build_application(config, Path(config_path).resolve().parent)
     serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
     return config

@@ -102,10 +102,12 @@ def readout_from_proto(msg: pb.LatentReadout, all_saes: Sequence[str]) -> Readou
     return ReadoutSpec(saes=tuple(msg.saes) or tuple(all_saes), top_k=msg.top_k or DEFAULT_TOP_K)
 
 
-def sampling_from_proto(params: pb.GenerationParams, seed: int | None) -> rt.SamplingParams:
+def sampling_from_proto(params: pb.GenerationParams, seed: int | None, max_new_tokens_limit: int | None = None) -> rt.SamplingParams:
+    """Unset ``max_new_tokens`` is the library default, capped at the model's limit."""
     d = rt.SamplingParams()
+    default_new = d.max_new_tokens if max_new_tokens_limit is None else min(d.max_new_tokens, max_new_tokens_limit)
     return rt.SamplingParams(
-        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else d.max_new_tokens,
+        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else default_new,
         temperature=params.temperature,
         top_p=params.top_p if params.HasField("top_p") else d.top_p,
         top_k=params.top_k,
@@ -116,7 +118,9 @@ def sampling_from_proto(params: pb.GenerationParams, seed: int | None) -> rt.Sam
     )
 
 
-def text_request_from_proto(msg: pb.GenerateRequest | pb.GenerateMultimodalRequest, all_saes: Sequence[str]) -> rt.TextRequest:
+def text_request_from_proto(
+    msg: pb.GenerateRequest | pb.GenerateMultimodalRequest, all_saes: Sequence[str], max_new_tokens_limit: int | None = None
+) -> rt.TextRequest:
     """A GenerateRequest (or GenerateMultimodalRequest, which adds ``image``) as a TextRequest."""
     image = bytes(msg.image) if isinstance(msg, pb.GenerateMultimodalRequest) else None
     return rt.TextRequest(
@@ -124,7 +128,7 @@ def text_request_from_proto(msg: pb.GenerateRequest | pb.GenerateMultimodalReque
         messages=tuple(rt.ChatMessage(role=m.role, content=m.content) for m in msg.messages),
         image=image,
         plan=plan_from_proto(msg.plan),
-        sampling=sampling_from_proto(msg.params, msg.seed if msg.HasField("seed") else None),
+        sampling=sampling_from_proto(msg.params, msg.seed if msg.HasField("seed") else None, max_new_tokens_limit),
         readout=readout_from_proto(msg.return_latents, all_saes) if msg.HasField("return_latents") else None,
         include_default=msg.include_default,
         logprobs=msg.return_logprobs,

@@ -191,7 +191,7 @@ class ModelServer:
     async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
         multimodal = isinstance(request, pb.GenerateMultimodalRequest)
         self._require_kind(MULTIMODAL_KINDS if multimodal else TEXT_KINDS, "GenerateMultimodal" if multimodal else "Generate")
-        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
+        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
         outcome = await self._text_batch(_Job(text_request, received_at))
         result: rt.TextResult = outcome.result()
         timings = self._timings(outcome, received_at)
@@ -203,7 +203,7 @@ class ModelServer:
     async def generate_stream(self, request: pb.GenerateRequest, received_at: float) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Token events from ``backend.stream``; the last message carries the full response."""
         self._require_kind(TEXT_KINDS, "GenerateStream")
-        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names))
+        text_request = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
         steered = convert.is_steered(text_request)
         done = object()
         async with self._lock:

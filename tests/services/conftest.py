@@ -76,7 +76,7 @@ def service(artifacts) -> Service:
         configure_logging=False,
     )
     try:
-        start(config_path)
+        start(config_path, http_port=free_port())
         yield Service(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", config_path, artifacts)
     finally:
         try:
