@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
-from services.config import DEFAULT_CONFIG, GRPC_SERVICER_FUNCTIONS, ServiceConfig, load_config, parse_config
+from services.config import DEFAULT_CONFIG, GRPC_SERVICER_FUNCTIONS, ConfigError, ServiceConfig, load_config, parse_config
 from services.ingress import SteeringIngress
 from services.model_deployment import ModelServer
 
@@ -75,6 +75,7 @@ def start(
     import ray
 
     config = load_config(config_path)
+    check_local_paths(config, Path(config_path).resolve().parent)
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))
     serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": http_port})
@@ -83,13 +84,29 @@ def start(
     return config
 
 
+def check_local_paths(config: ServiceConfig, base_dir: Path) -> None:
+    """Fail fast, before starting Ray, when a local model, SAE or probe path does not exist."""
+    missing = []
+    for n, m in enumerate(config.models):
+        spec = m.to_spec(base_dir)
+        named = [(f"models.{n}.path", m.path, spec.path)]
+        named += [(f"models.{n}.saes.{k}.path", s.path, t.path) for k, (s, t) in enumerate(zip(m.saes, spec.saes))]
+        named += [(f"models.{n}.risk_probe", m.risk_probe, spec.risk_probe)]
+        missing += [f"  {field}: {resolved} does not exist" for field, given, resolved in named if given and not Path(resolved).exists()]
+    if missing:
+        hint = "\n(the demo models are built by `make demo-models`)" if any("/models/" in line for line in missing) else ""
+        raise ConfigError("config names files that are not there:\n" + "\n".join(missing) + hint)
+
+
 def example_call(config: ServiceConfig) -> str:
-    model = config.models[0]
-    return (
-        f"  python -m services.cli --target localhost:{config.grpc.port} list-models\n"
-        f"  python -m services.cli --target localhost:{config.grpc.port} generate --model {model.name} "
-        f'--set color:red=8 "the"'
-    )
+    cli = f"python -m services.cli --target localhost:{config.grpc.port}"
+    lines = [f"  {cli} list-models"]
+    for m in config.models:
+        if m.kind == "sdxl_turbo":
+            lines.append(f'  {cli} image --model {m.name} --steps 1 --out image.png "a cat"')
+        elif m.kind == "causal_lm":
+            lines.append(f'  {cli} generate --model {m.name} --set color:red=8 "the"')
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    try:
+        check_local_paths(load_config(args.config), Path(args.config).resolve().parent)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
