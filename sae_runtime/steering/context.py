@@ -13,7 +13,7 @@ from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope, VisionScope
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
-from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
+from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group, restrict
 from sae_runtime.steering.readout import ReadoutAccumulator, SaeReadout
 
 PHASES = ("prefill", "decode", "denoise")
@@ -42,6 +42,10 @@ class SteeringContext:
     Plans must be validated (``InterventionPlan.resolve``). ``readout``: SAEs to read on every row.
     Before each forward, tell the context what it computes: :meth:`set_phase` (causal LM / LLaVA)
     or :meth:`set_unet_step` (U-Net). See the package docstring for an example.
+
+    ``auto_phase`` (causal LM / LLaVA, e.g. under HF ``generate``): a pre-hook on ``model`` sets
+    the phase of each call itself: ``prefill`` when the call has no (or an empty) KV cache, else
+    ``decode``; the valid mask is the call's ``attention_mask`` (last T columns).
     """
 
     def __init__(
@@ -50,8 +54,11 @@ class SteeringContext:
         saes: Mapping[str, AttachedSae],
         plans: Sequence[InterventionPlan | None],
         readout: ReadoutSpec | None = None,
+        *,
+        auto_phase: bool = False,
     ) -> None:
         self.model = model
+        self.auto_phase = auto_phase
         self.saes = dict(saes)
         self.plans = list(plans)
         self.n_rows = len(self.plans)
@@ -72,6 +79,7 @@ class SteeringContext:
                 self._by_site.setdefault(att.site, []).append(name)
         self._handles: list = []
         self._groups: dict[tuple, list[EditGroup]] = {}
+        self._restricted: dict[str, Sae | None] = {}
         self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
         self._acc: dict[tuple[str, str], ReadoutAccumulator] = {}
         self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None, Tensor | None]] = {}
@@ -81,9 +89,10 @@ class SteeringContext:
     def set_phase(self, phase: str, valid: Tensor | None = None, *, vision_rows: Sequence[int] | None = None) -> None:
         """Declare the next forward(s): ``prefill`` (prompt positions) or ``decode`` (generated ones).
 
-        ``valid``: (B, T) attention mask of the tokens this forward computes (left padding = 0);
-        padding positions are neither edited nor read. None = all valid. ``vision_rows``: plan row
-        of each image in the vision tower's batch when it differs from 0..B-1.
+        ``valid``: (B, T) attention mask of the tokens this forward computes (left padding = 0), or
+        the whole (B, past + T) attention mask (its last T columns are used); padding positions
+        are neither edited nor read. None = all valid. ``vision_rows``: plan row of each image in
+        the vision tower's batch when it differs from 0..B-1.
         """
         if phase not in PHASES:
             raise InvalidArgument(f"unknown phase {phase!r} (expected one of {PHASES})", field="phase")
@@ -114,6 +123,8 @@ class SteeringContext:
     def __enter__(self) -> "SteeringContext":
         check_widths(self.model, {n: self.saes[n] for names in self._by_site.values() for n in names})
         try:
+            if self.auto_phase:
+                self._handles.append(self.model.register_forward_pre_hook(self._auto_phase_hook, with_kwargs=True))
             for site, names in self._by_site.items():
                 self._handles.append(site.attach(self.model, self._site_fn(site, names)))
         except BaseException:
@@ -124,6 +135,11 @@ class SteeringContext:
     def __exit__(self, *exc: object) -> None:
         self._remove()
 
+    def _auto_phase_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        past = 0 if cache is None else (cache.get_seq_length() if hasattr(cache, "get_seq_length") else 1)
+        self.set_phase("prefill" if past == 0 else "decode", kwargs.get("attention_mask"))
+
     def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -131,12 +147,14 @@ class SteeringContext:
 
     def _site_fn(self, site: HookSite, names: list[str]):
         def fn(x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    return fn(x, grid)
             changed = False
-            with torch.no_grad():
-                for name in names:
-                    new = self._apply_sae(site, name, x, grid)
-                    if new is not None:
-                        x, changed = new, True
+            for name in names:
+                new = self._apply_sae(site, name, x, grid)
+                if new is not None:
+                    x, changed = new, True
             return x if changed else None
 
         return fn
@@ -164,6 +182,8 @@ class SteeringContext:
             elif g.replace or not sae.selective:
                 fg_full = sae.encode_normalized(x_n)
                 f_u = fg_full.index_select(-1, g.latents)
+            elif g.encoder is not None:
+                f_u = g.encoder.encode_normalized(x_n)
             else:
                 f_u = sae.encode_selected_normalized(x_n, g.latents)
             x_norm = x_n.norm(dim=-1, keepdim=True) if g.add_norm is not None else None
@@ -175,6 +195,11 @@ class SteeringContext:
                 f_edit = fg_full.index_copy(-1, g.latents, f_new.expand_as(f_u))
                 recon = sae.decode(f_edit, norm)
                 new = recon if weight is None else torch.lerp(xg, recon, weight)
+            elif norm is None and xg.dtype == f_u.dtype:
+                # x + (f' - f) @ rows in one addmm on (R * N, d) views.
+                d = xg.shape[-1]
+                df = (f_new - f_u).reshape(-1, f_u.shape[-1])
+                new = torch.addmm(xg.reshape(-1, d), df, g.decoder_rows).view(xg.shape)
             else:
                 delta = (f_new - f_u) @ g.decoder_rows
                 if norm is not None:
@@ -230,13 +255,16 @@ class SteeringContext:
         groups = self._groups.get(key)
         if groups is None:
             compiled, sae = self.compiled[name], self.saes[name].sae
+            if name not in self._restricted:
+                self._restricted[name] = restrict(sae, compiled.latents.to(sae.W_dec.device))
             plan_rows, halves = self._row_map(site, n_batch)
             groups = []
             for replace in (False, True):
                 batch = [j for j, r in enumerate(plan_rows)
                          if compiled.edits_row[r] and compiled.preserve[r] != replace and self._active(site, r, halves[j])]
                 if batch:
-                    groups.append(make_group(compiled, sae, batch, [plan_rows[j] for j in batch], n_batch, replace))
+                    groups.append(make_group(compiled, sae, batch, [plan_rows[j] for j in batch], n_batch, replace,
+                                             encoder=None if replace else self._restricted[name]))
             self._groups[key] = groups
         return groups
 
@@ -253,10 +281,7 @@ class SteeringContext:
         dtype = g.decoder_rows.dtype
         w: Tensor | None = None
         if site.is_text:
-            valid = self._valid.to(g.rows.device)
-            if valid.shape[1] != n_pos:
-                raise InvalidArgument(f"valid mask covers {valid.shape[1]} positions, site {site.name} sees {n_pos}", field="valid")
-            w = valid.index_select(0, g.rows).unsqueeze(-1).to(dtype)
+            w = self._valid_for(site, n_pos, g.rows.device).index_select(0, g.rows).unsqueeze(-1).to(dtype)
         elif site.kind is SiteKind.VISION_LAYER:
             cls = [self.plans[r].scope.vision is VisionScope.CLS for r in g.plan_rows]  # type: ignore[union-attr]
             if any(cls):
@@ -270,6 +295,13 @@ class SteeringContext:
                 ]).reshape(len(masks), -1, 1).to(g.rows.device)
         self._weights[key] = w
         return w
+
+    def _valid_for(self, site: HookSite, n_pos: int, device: torch.device) -> Tensor:
+        """The valid mask's last ``n_pos`` columns (B, n_pos) on ``device``."""
+        valid = self._valid
+        if valid.shape[1] < n_pos:  # type: ignore[union-attr]
+            raise InvalidArgument(f"valid mask covers {valid.shape[1]} positions, site {site.name} sees {n_pos}", field="valid")  # type: ignore[union-attr]
+        return valid[:, valid.shape[1] - n_pos:].to(device)  # type: ignore[union-attr]
 
     # -- readouts -----------------------------------------------------------------------------
     def _record(self, site: HookSite, name: str, before: Tensor, after: Tensor, grid: tuple[int, int] | None) -> None:
@@ -290,7 +322,7 @@ class SteeringContext:
             before, after = before.index_select(0, idx), (after if after is before else after.index_select(0, idx))
         valid = None
         if site.is_text and self._valid is not None:
-            valid = self._valid.to(before.device)
+            valid = self._valid_for(site, before.shape[1], before.device)
             if idx is not None:
                 valid = valid.index_select(0, idx)
         acc = self._acc.get((name, self._phase))

@@ -21,15 +21,15 @@ D = 32  # d_model of the tiny LMs
 
 
 def make_sae(arch: str, d_in: int, d_sae: int, seed: int, **cfg) -> torch.nn.Module:
+    """A random SAE: matrices ~ N(0, 0.3^2), vectors ~ N(0, 0.1^2), thresholds ~ U(0, 0.2)."""
     sae = build_sae(SaeConfig(arch, d_in, d_sae, **cfg)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) * 0.3)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) * 0.3)
-        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
-        if hasattr(sae, "threshold"):
-            sae.threshold.copy_(torch.rand(d_sae, generator=g) * 0.2)
+        for name, p in sae.named_parameters():
+            if name == "threshold":
+                p.copy_(torch.rand(p.shape, generator=g) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.1))
     return sae
 
 
@@ -447,3 +447,54 @@ def test_hooks_removed_after_an_exception_in_the_block(llama, lm_saes):
             assert count() == 2
             raise RuntimeError("boom")
     assert count() == 0
+
+
+# -- fast paths and HF generate ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "batchtopk", "gated", "topk"])
+def test_restricted_encoder_equals_full_encode_then_gather(arch):
+    """The per-context encoder slice of a selective SAE must give the latents a full encode gives."""
+    from sae_runtime.steering.compile import restrict
+
+    sae = make_sae(arch, 24, 50, 3, k=5)
+    idx = torch.tensor([0, 7, 8, 49])
+    sub = restrict(sae, idx)
+    if arch == "topk":  # membership depends on every latent: no slice
+        assert sub is None
+        return
+    assert sub is not None and sub.d_sae == 4
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        full = sae.encode(x).index_select(-1, idx)
+        assert (full != 0).any()
+        torch.testing.assert_close(sub.encode_normalized(x), full, atol=1e-6, rtol=0)
+
+
+def test_gated_sae_clamp_keeps_the_error_term(llama):
+    saes = {"g": AttachedSae("g", make_sae("gated", D, 40, 8), HookSite.parse("blocks.0.hook_resid_post"))}
+    sae = saes["g"].sae
+    with torch.no_grad(), SteeringContext(llama, saes, [plan(edit("g", EditOp.SET, [1, 30], 2.0), saes=saes)]):
+        with probe(llama.model.layers[0]) as log:
+            llama(ids_of(1, 6, 9))
+        x, hooked = log["before"][0], log["after"][0]
+        f = sae.encode(x)  # full encode: a second code path to the selective one used by the hook
+        expected = x + (2.0 - f[..., 1:2]) * sae.W_dec[1] + (2.0 - f[..., 30:31]) * sae.W_dec[30]
+    torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=0)
+
+
+def test_auto_phase_under_hf_generate_matches_the_manual_loop(llama, lm_saes):
+    saes = {"r0": lm_saes["r0"]}
+    e = edit("r0", EditOp.SET, [1, 2], 3.0)
+    plans = [plan(e, scope=Scope(tokens=TokenScope.PROMPT), saes=saes), plan(e, scope=Scope(tokens=TokenScope.GENERATED), saes=saes), None]
+    ids = ids_of(3, 5, 10)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with SteeringContext(llama, saes, plans, auto_phase=True):
+            gen = llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, 5:]
+        with SteeringContext(llama, saes, plans) as ctx:
+            logits = greedy(llama, ids, mask, ctx, steps=3)
+        plain = llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, 5:]
+    assert torch.equal(gen, logits.argmax(-1))
+    assert gen[1, 0] == plain[1, 0]  # a generated-only edit cannot change the first new token
+    assert torch.equal(gen[2], plain[2])
