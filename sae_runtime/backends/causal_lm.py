@@ -198,17 +198,20 @@ class CausalLmBackend(Backend):
         ``generate([request])[0]`` (token latents and risk are attached once the token itself has run
         through the model, i.e. one decode step after it was sampled)."""
         run = self._run([request])
-        sent = 0
-        state = None
-        for state in run.loop:
-            steered = state.rows[0]
-            ready = steered.ready
-            if ready > sent:
-                risk = run.running_risk(0) if self.risk_probe is not None else None
-                for tok in run.tokens(state, 0, start=sent, upto=ready):
-                    yield StreamEvent(token=tok, risk=risk)
-                sent = ready
-        yield StreamEvent(token=None, result=run.results(state)[0])
+        try:
+            sent = 0
+            state = None
+            for state in run.loop:
+                steered = state.rows[0]
+                ready = steered.ready
+                if ready > sent:
+                    risk = run.running_risk(0) if self.risk_probe is not None else None
+                    for tok in run.tokens(state, 0, start=sent, upto=ready):
+                        yield StreamEvent(token=tok, risk=risk)
+                    sent = ready
+            yield StreamEvent(token=None, result=run.results(state)[0])
+        finally:
+            run.loop.close()  # detach the hooks now, also when the consumer stops early (run <-> loop is a cycle)
 
     def _run(self, requests: Sequence[TextRequest]) -> "_BatchRun":
         """One batched pass over at most ``limits.max_batch_size`` requests."""
