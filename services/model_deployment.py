@@ -72,6 +72,17 @@ def run_isolated(fn: Callable[[list], Sequence], requests: list) -> list:
     return outcomes
 
 
+async def in_thread(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread. If the caller is cancelled (client gone), wait for the
+    thread to finish before re-raising, so the backend lock is never released under a running call."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.gather(work, return_exceptions=True)
+        raise
+
+
 #: Files up to this size are hashed whole by :func:`fingerprint`; larger ones by size and first MiB.
 FINGERPRINT_FULL_BYTES = 16 * 1024 * 1024
 
@@ -173,7 +184,7 @@ class ModelServer:
     async def _run_batch(self, method: str, fn: Callable[[list], Sequence], jobs: list[_Job]) -> list[_Outcome]:
         async with self._lock:
             started = time.time()
-            values = await asyncio.to_thread(run_isolated, fn, [j.request for j in jobs])
+            values = await in_thread(run_isolated, fn, [j.request for j in jobs])
             finished = time.time()
         self.metrics.batch_size.observe(len(jobs), tags={"model": self.spec.name, "method": method})
         return [_Outcome(v, started, finished, len(jobs)) for v in values]
@@ -211,7 +222,7 @@ class ModelServer:
             events = self.backend.stream(text_request)
             try:
                 while True:
-                    event = await asyncio.to_thread(next, events, done)
+                    event = await in_thread(next, events, done)
                     if event is done:
                         break
                     msg = pb.GenerateStreamResponse()
@@ -248,7 +259,7 @@ class ModelServer:
         encode_request = self._validated(convert.encode_request_from_proto(request, self.sae_names))
         async with self._lock:
             started = time.time()
-            result = await asyncio.to_thread(self.backend.encode, encode_request)
+            result = await in_thread(self.backend.encode, encode_request)
             outcome = _Outcome(result, started, time.time(), 1)
         timings = self._timings(outcome, received_at)
         self._observe("encode", timings)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from steering.v1 import steering_pb2 as pb
+from steering.v1 import steering_pb2_grpc
 
 from services.client import Generation, SteeringClient, SteeringError, edit, plan
 from tests.services.helpers import IMAGE, IMG_SAE, LM, LM_LABELS, LM_SAE
@@ -147,3 +148,15 @@ def test_invalid_request_in_a_concurrent_burst_fails_alone(client):
     for got, want in zip(outcomes, solo, strict=True):
         assert not isinstance(got, SteeringError)
         same_result(got, want)
+
+
+def test_a_stream_cancelled_by_its_client_frees_the_replica(service, client):
+    request = SteeringClient.text_request(LM, "the cat", generation=Generation(max_new_tokens=24), seed=5)
+    with grpc.insecure_channel(service.target) as channel:
+        call = steering_pb2_grpc.SteeringStub(channel).GenerateStream(request, timeout=60)
+        first = next(call)
+        call.cancel()
+    assert first.HasField("token")
+    after = client.generate(LM, "the cat", generation=Generation(max_new_tokens=3), seed=5)
+    assert after.completion.tokens[0].id == first.token.id  # greedy: same first token, replica healthy
+    assert client.health(LM) == "SERVING"
