@@ -211,16 +211,24 @@ class SdxlTurboBackend(Backend):
 
     # -- generation --------------------------------------------------------------------------
     def generate_images(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
-        """Generate for validated requests; requests sharing steps, guidance and size share one call."""
-        if len(requests) > self.limits.max_batch_size:
-            raise TooLarge(f"batch of {len(requests)} exceeds {self.limits.max_batch_size}", field="requests")
-        results: list[ImageResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.num_inference_steps, r.guidance_scale, r.height, r.width), []).append(i)
-        for idx in groups.values():
-            for i, res in zip(idx, self._generate_group([requests[i] for i in idx])):
-                results[i] = res
+        """Generate for a batch of requests (validated again here: cheap and idempotent).
+
+        Requests sharing steps, guidance and size share one pipeline call of at most
+        ``limits.max_batch_size`` image rows (unsteered twins count as rows).
+        """
+        checked = [self.validate(r, f"requests[{i}]." if len(requests) > 1 else "") for i, r in enumerate(requests)]
+        results: list[ImageResult | None] = [None] * len(checked)
+        groups: dict[tuple, list[list[int]]] = {}
+        for i, r in enumerate(checked):
+            chunks = groups.setdefault((r.num_inference_steps, r.guidance_scale, r.height, r.width), [[]])
+            rows = sum(2 if checked[j].include_default else 1 for j in chunks[-1])
+            if chunks[-1] and rows + (2 if r.include_default else 1) > max(self.limits.max_batch_size, 2):
+                chunks.append([])
+            chunks[-1].append(i)
+        for chunks in groups.values():
+            for idx in chunks:
+                for i, res in zip(idx, self._generate_group([checked[i] for i in idx])):
+                    results[i] = res
         return results  # type: ignore[return-value]
 
     def _generate_group(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:

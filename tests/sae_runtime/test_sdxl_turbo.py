@@ -229,3 +229,26 @@ def test_encode_pools_block_latents(backend):
     means = [a.value for a in pooled.top_mean]
     assert means == sorted(means, reverse=True)
     assert all(mx.value >= means[-1] for mx in pooled.top_max)
+
+
+def test_batches_over_the_limit_run_in_passes_and_errors_name_the_request(backend, reference_pipe):
+    small = SdxlTurboBackend(backend.pipe, backend.saes, limits=Limits(max_batch_size=2, max_inference_steps=4))
+    try:
+        plan = InterventionPlan(edits=(LatentEdit(sae="mid", op=EditOp.SET, latents=(3,), value=60.0),))
+        reqs = [ImageRequest(prompt=p, seed=s, plan=plan, include_default=True) for p, s in (("a cat", 1), ("a dog", 2), ("a sun", 3))]
+        sizes: list[int] = []
+        handle = backend.pipe.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        try:
+            results = small.generate_images(reqs)
+        finally:
+            handle.remove()
+        assert sizes == [2, 2, 2]  # three passes of one request and its twin
+        for (p, s), res in zip((("a cat", 1), ("a dog", 2), ("a sun", 3)), results):
+            want = pipe_image(reference_pipe, p, seed=s, steps=1)
+            assert np.abs(png_to_array(res.default_png).astype(int) - want.astype(int)).max() <= 1
+            assert np.abs(png_to_array(res.png).astype(int) - want.astype(int)).max() > 10
+        with pytest.raises(TooLarge) as e:
+            small.generate_images([ImageRequest(prompt="a"), ImageRequest(prompt="b", num_inference_steps=9)])
+        assert e.value.field == "requests[1].num_inference_steps"
+    finally:
+        small.close()
