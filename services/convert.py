@@ -233,6 +233,7 @@ def text_result_to_proto(
         timings=timings,
         versions=versions,
         steered=steered,
+        vision_latents=_positions(result.vision_latents),
     )
     if result.default is not None:
         msg.default_completion.CopyFrom(completion_to_proto(result.default))
@@ -279,6 +280,7 @@ def encode_result_to_proto(result: rt.EncodeResult, *, timings: pb.Timings, vers
         pooled=_pooled(result.pooled),
         timings=timings,
         versions=versions,
+        vision_latents=_positions(result.vision_latents),
     )
     if result.risk is not None:
         msg.risk.CopyFrom(risk_to_proto(result.risk))

@@ -24,6 +24,10 @@ from tests.services.helpers import (
     LM_HOOK,
     LM_LABELS,
     LM_SAE,
+    VLM,
+    VLM_HOOK,
+    VLM_LABELS,
+    VLM_SAE,
     free_port,
     random_probe,
     random_sae,
@@ -36,7 +40,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
     """Model files on disk, in the formats users ship them in."""
-    from sae_runtime.demo.tiny_models import build_tiny_causal_lm
+    from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava
     from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
     from sae_runtime.formats import save_native
 
@@ -44,6 +48,8 @@ def artifacts(tmp_path_factory) -> Path:
     build_tiny_causal_lm(root / "lm", "llama", seed=0, hidden_size=32, num_layers=2, init_std=0.1)
     save_native(random_sae(32, 64, LM_HOOK, LM_LABELS, seed=1), root / "saes" / LM_SAE)
     random_probe(LM_SAE, 64, LM_LABELS, seed=2).save(root / "risk")
+    build_tiny_llava(root / "llava", seed=0)
+    save_native(random_sae(32, 64, VLM_HOOK, VLM_LABELS, seed=4), root / "saes" / VLM_SAE)
     save_tiny_sdxl(root / "sdxl", seed=0)
     save_native(random_sae(64, 128, IMG_HOOK, IMG_LABELS, seed=3), root / "saes" / IMG_SAE)
     return root
@@ -101,6 +107,15 @@ def lm_backend(service):
 
     config = load_config(service.config_path)
     return build_backend(config.model(LM).to_spec(service.config_path.parent))
+
+
+@pytest.fixture(scope="session")
+def vlm_backend(service):
+    from services.backend_factory import build_backend
+    from services.config import load_config
+
+    config = load_config(service.config_path)
+    return build_backend(config.model(VLM).to_spec(service.config_path.parent))
 
 
 @pytest.fixture(scope="session")

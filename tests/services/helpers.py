@@ -16,6 +16,10 @@ IMG_HOOK = "unet.mid_block.attentions.0"
 #: Labels written into the LM's SAE file (label -> latent index).
 LM_LABELS = {"color:red": 3, "color:blue": 5, "animal:cat": 9, "animal:dog": 17, "mood:happy": 40}
 IMG_LABELS = {"texture:fur": 7, "color:red": 11}
+VLM = "vlm"
+VLM_SAE = "vis"
+VLM_HOOK = "vision.layers.1"  # hidden_states[-2] of the tiny 3-layer CLIP tower: what the projector reads
+VLM_LABELS = {"shape:round": 2, "color:green": 6}
 LM_LIMITS = {"max_new_tokens": 24, "max_prompt_tokens": 64, "max_edits": 16, "max_batch_size": 16}
 
 
@@ -77,6 +81,15 @@ def service_config(grpc_port: int) -> dict:
                 "max_ongoing_requests": 64,
             },
             {
+                "name": VLM,
+                "kind": "llava",
+                "path": "llava",
+                "saes": [{"name": VLM_SAE, "path": f"saes/{VLM_SAE}"}],
+                "limits": {"max_new_tokens": 16, "max_batch_size": 8, "max_image_bytes": 10_000, "max_image_side": 64},
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+                "resources": small,
+            },
+            {
                 "name": IMAGE,
                 "kind": "sdxl_turbo",
                 "path": "sdxl",
@@ -100,3 +113,16 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+
+
+def png_bytes(seed: int, size: int = 20) -> bytes:
+    """A random RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

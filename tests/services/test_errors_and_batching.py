@@ -12,7 +12,7 @@ from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc
 
 from services.client import Generation, SteeringClient, SteeringError, edit, plan
-from tests.services.helpers import IMAGE, IMG_SAE, LM, LM_LABELS, LM_SAE
+from tests.services.helpers import IMAGE, IMG_SAE, LM, LM_LABELS, LM_SAE, VLM, png_bytes
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -60,6 +60,8 @@ BAD_REQUESTS = {
     "encode: unknown SAE": (lambda c: c.encode(LM, "the", saes=["zzz"]), NOT_FOUND, "saes[0]"),
     "search: unknown SAE": (lambda c: c.search_features(LM, "x", sae="zzz"), NOT_FOUND, "sae"),
     "search: index out of range": (lambda c: c.search_features(LM, index=64), INVALID, "index"),
+    "multimodal: not an image": (lambda c: c.generate_multimodal(VLM, b"not an image", "what"), INVALID, "image"),
+    "multimodal: image too large": (lambda c: c.generate_multimodal(VLM, png_bytes(1, size=80), "what"), EXHAUSTED, "image"),
     "image: too many steps": (lambda c: c.generate_image(IMAGE, "a cat", num_inference_steps=5), EXHAUSTED, "num_inference_steps"),
     "image: mask of the wrong size": (lambda c: c._call(c._stub.GenerateImage, masked_image_request()), INVALID, "plan.scope.mask"),
 }

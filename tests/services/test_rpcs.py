@@ -16,11 +16,27 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
+from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.backends import types as rt
-from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec
+from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, VisionScope
 from services.client import Generation, SteeringError, edit
-from tests.services.helpers import IMAGE, IMG_HOOK, IMG_LABELS, IMG_SAE, LM, LM_HOOK, LM_LABELS, LM_SAE, one_thread
+from tests.services.helpers import (
+    IMAGE,
+    IMG_HOOK,
+    IMG_LABELS,
+    IMG_SAE,
+    LM,
+    LM_HOOK,
+    LM_LABELS,
+    LM_SAE,
+    VLM,
+    VLM_HOOK,
+    VLM_LABELS,
+    VLM_SAE,
+    one_thread,
+    png_bytes,
+)
 
 STEERING_METHODS = {"Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "ListModels", "SearchFeatures"}
 
@@ -47,7 +63,7 @@ def test_health_check_list_and_watch(service, client):
     with grpc.insecure_channel(service.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         statuses = stub.List(health_pb2.HealthListRequest(), timeout=30).statuses
-        assert set(statuses) == {"", "steering.v1.Steering", LM, IMAGE}
+        assert set(statuses) == {"", "steering.v1.Steering", LM, VLM, IMAGE}
         assert {s.status for s in statuses.values()} == {health_pb2.HealthCheckResponse.SERVING}
         (first,) = list(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
         assert first.status == health_pb2.HealthCheckResponse.SERVING
@@ -71,8 +87,8 @@ def test_server_reflection_describes_the_api(service):
 
 def test_list_models_describes_models_and_saes(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {LM, IMAGE}
-    lm, img = models[LM], models[IMAGE]
+    assert set(models) == {LM, VLM, IMAGE}
+    lm, img, vlm = models[LM], models[IMAGE], models[VLM]
     assert (lm.kind, lm.description, lm.has_risk_probe) == ("causal_lm", "tiny random llama", True)
     (sae,) = lm.saes
     assert (sae.name, sae.hook_name, sae.architecture, sae.d_in, sae.width, sae.has_labels) == (
@@ -81,6 +97,7 @@ def test_list_models_describes_models_and_saes(client):
     assert (img.kind, img.has_risk_probe) == ("sdxl_turbo", False)
     (isae,) = img.saes
     assert (isae.name, isae.hook_name, isae.d_in, isae.width, isae.has_labels) == (IMG_SAE, IMG_HOOK, 64, 128, True)
+    assert vlm.kind == "llava" and [(v.name, v.hook_name, v.width) for v in vlm.saes] == [(VLM_SAE, VLM_HOOK, 64)]
 
 
 def test_search_features_by_label_substring_and_index(client):
@@ -242,6 +259,57 @@ def test_generate_image_equals_the_library_result(client, image_backend):
     for m in response.latent_maps:
         assert len(m.values) == m.height * m.width > 0 and m.heatmap_png[:4] == b"\x89PNG"
     assert response.steered and response.versions.saes[IMG_SAE]
+
+
+# -- multimodal ---------------------------------------------------------------------------------
+
+
+def test_generate_multimodal_equals_the_library_result(client, vlm_backend):
+    image = png_bytes(7)
+    request = client.text_request(
+        VLM,
+        "what is this",
+        image=image,
+        edits=[edit(VLM_SAE, "set", "shape:round", value=10.0)],
+        generation=Generation(max_new_tokens=6),
+        seed=2,
+        include_default=True,
+        return_latents=True,
+        latents_top_k=3,
+    )
+    request.plan.scope.vision = pb.VISION_SCOPE_CLS
+    response = client._call(client._stub.GenerateMultimodal, request)
+    reference = rt.TextRequest(
+        prompt="what is this",
+        image=image,
+        plan=InterventionPlan(edits=(LatentEdit(VLM_SAE, EditOp.SET, labels=("shape:round",), value=10.0),),
+                              scope=Scope(vision=VisionScope.CLS)),
+        sampling=rt.SamplingParams(max_new_tokens=6, seed=2),
+        include_default=True,
+        readout=ReadoutSpec((VLM_SAE,), 3),
+    )
+    with one_thread():
+        (expected,) = vlm_backend.generate([vlm_backend.validate(reference)])
+    assert ids(response.completion) == [t.id for t in expected.steered.tokens]
+    assert ids(response.default_completion) == [t.id for t in expected.default.tokens]
+    assert len(response.vision_latents) == len(expected.vision_latents) == 17  # CLS + 4 x 4 patches
+    for got, want in zip(response.vision_latents, expected.vision_latents):
+        assert latents(got.saes[0].after) == [(a.index, a.label or "") for a in want[0].after]
+    # the clamp applies to the CLS position only
+    assert (VLM_LABELS["shape:round"], "shape:round") in latents(response.vision_latents[0].saes[0].after)
+    assert [a.value for a in response.vision_latents[0].saes[0].after if a.index == VLM_LABELS["shape:round"]] == [10.0]
+    assert response.steered and response.versions.model == VLM
+
+
+def test_encode_an_image_equals_the_library_result(client, vlm_backend):
+    image = png_bytes(3)
+    response = client.encode(VLM, "a picture", image=image, top_k=2)
+    with one_thread():
+        expected = vlm_backend.encode(vlm_backend.validate(rt.EncodeRequest(text="a picture", image=image, saes=(VLM_SAE,), top_k=2)))
+    assert list(response.tokens) == list(expected.tokens)
+    assert len(response.vision_latents) == len(expected.vision_latents) == 17
+    for got, want in zip(response.vision_latents, expected.vision_latents):
+        assert latents(got.saes[0].before) == [(a.index, a.label or "") for a in want[0].before]
 
 
 def test_multimodal_on_a_text_only_model_names_the_model_field(client):
