@@ -14,7 +14,8 @@ decode loop (:mod:`.lm_loop`), sampler, readouts, risk scores and result assembl
 - vision SAEs (sites ``vision.layers.L``: the output of CLIP encoder layer L, all tokens with CLS
   at position 0; LLaVA-1.5 feeds ``hidden_states[-2]`` = layer ``n_layers - 2`` to its projector)
   are edited in the prefill forward, on every vision position or on CLS only (``scope.vision``);
-  language-model SAEs follow the token scopes of the causal LM;
+  language-model SAEs follow the token scopes of the causal LM (``prompt`` = the prefill
+  positions, which include the image-token positions the projector fills);
 - readouts of vision SAEs come back per vision position in ``TextResult.vision_latents`` and
   pooled over the vision positions in ``pooled``; a risk probe reading a vision SAE sees those
   pools as its prompt pools.
