@@ -125,6 +125,17 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def steerable_saes(model: pb.ModelInfo, kind: str) -> list[pb.SaeInfo]:
+    """The SAEs a request of ``kind`` may edit: vision-encoder SAEs only when there is an image."""
+    return [s for s in model.saes if kind == "multimodal" or not s.hook_name.startswith("vision.")]
+
+
+def eligible_models(models: Sequence[pb.ModelInfo], kind: str) -> list[pb.ModelInfo]:
+    """Models that take ``kind`` (and, for the edited kinds, have an SAE to edit)."""
+    needs_sae = kind not in ("unsteered", "encode")
+    return [m for m in models if m.kind in SERVED_BY[kind] and (not needs_sae or steerable_saes(m, kind))]
+
+
 def tiny_png(rng: random.Random, side: int = 32) -> bytes:
     from PIL import Image
 
@@ -154,13 +165,8 @@ class RequestFactory:
         self._weights = [self.mix[k] for k in self._kinds]
         self._png = tiny_png(random.Random(self.seed))
 
-    def eligible(self, kind: str) -> list[pb.ModelInfo]:
-        return [m for m in self.models if m.kind in SERVED_BY[kind]]
-
-    def _edits(self, model: pb.ModelInfo, vision: bool) -> list[pb.LatentEdit]:
-        saes = [s for s in model.saes if vision or not s.hook_name.startswith("vision.")]
-        if not saes:
-            return []
+    def _edits(self, model: pb.ModelInfo, kind: str) -> list[pb.LatentEdit]:
+        saes = steerable_saes(model, kind)
         edits = []
         for _ in range(self.rng.randint(1, max(1, self.max_edits))):
             sae = self.rng.choice(saes)
@@ -174,18 +180,18 @@ class RequestFactory:
     def build(self) -> tuple[str, str, Any]:
         """(kind, model name, request message)."""
         kind = self.rng.choices(self._kinds, weights=self._weights)[0]
-        model = self.rng.choice(self.eligible(kind))
+        model = self.rng.choice(eligible_models(self.models, kind))
         prompt = self.rng.choice(self.prompts)
         seed = self.rng.randrange(2**31)
         generation = Generation(max_new_tokens=self.max_new_tokens)
         if kind == "image":
             request = pb.GenerateImageRequest(model=model.name, prompt=prompt, seed=seed, num_inference_steps=self.image_steps,
                                               height=self.image_size, width=self.image_size)
-            request.plan.edits.extend(self._edits(model, vision=True))
+            request.plan.edits.extend(self._edits(model, kind))
         elif kind == "encode":
             request = pb.EncodeRequest(model=model.name, text=prompt, top_k=5)
         else:
-            edits = [] if kind == "unsteered" else self._edits(model, vision=kind == "multimodal")
+            edits = [] if kind == "unsteered" else self._edits(model, kind)
             image = self._png if kind == "multimodal" else None
             request = SteeringClient.text_request(model.name, prompt, edits=edits, generation=generation, seed=seed, image=image)
         return kind, model.name, request
@@ -194,7 +200,7 @@ class RequestFactory:
 def plan_mix(models: Sequence[pb.ModelInfo], mix_text: str | None) -> tuple[dict[str, float], list[str]]:
     """The mix to run and the kinds dropped from the default mix for want of a model."""
     mix = parse_mix(mix_text or DEFAULT_MIX)
-    missing = [k for k, w in mix.items() if w > 0 and not any(m.kind in SERVED_BY[k] for m in models)]
+    missing = [k for k, w in mix.items() if w > 0 and not eligible_models(models, k)]
     if missing and mix_text:
         raise UsageError(f"--mix asks for {', '.join(missing)}, which no served model takes "
                          f"(models: {', '.join(f'{m.name} ({m.kind})' for m in models) or 'none'})")

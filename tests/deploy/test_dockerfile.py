@@ -199,7 +199,7 @@ def test_runtime_stage_holds_everything_the_service_imports(tmp_path):
     assert not (app_dir / "tests").exists() and not (app_dir / ".venv").exists()
     probe = (
         "import sys; sys.path[:] = [p for p in sys.path if p not in (%r, %r)]; sys.path[:0] = [%r, %r]\n"
-        "import services.app, services.healthcheck, sae_runtime.backends.causal_lm\n"
+        "import services.app, services.healthcheck, services.loadtest, sae_runtime.backends.causal_lm\n"
         "import steering.v1.steering_pb2_grpc as g\n"
         "mods = [services.app, services.healthcheck, sae_runtime.backends.causal_lm, g]\n"
         "assert all(m.__file__.startswith(%r) for m in mods), [m.__file__ for m in mods]\n"
