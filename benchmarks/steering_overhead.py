@@ -10,12 +10,16 @@ cache. Cases, alternated within each repeat (median over repeats):
 - topk clamp: the same with a TopK SAE (k 32), which needs a full encode;
 - jumprelu clamp + readout: the clamp plus a top-10 latent readout on every token.
 
-Prints per-case times and ratios; the last line is ``ratio <jumprelu clamp / unsteered>``.
+Each generation is timed twice: wall clock and this process's CPU time. By default torch runs
+one thread, so CPU time measures the work done and is robust to other load on a shared machine;
+the ratios (and the last line, ``ratio <jumprelu clamp / unsteered>``) use CPU time. Steered
+cases include building the steering context (per-request cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -65,9 +69,9 @@ def greedy(model, prompt: torch.Tensor, n_new: int, ctx: SteeringContext | None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,36 +99,45 @@ def main() -> None:
     }
     prompt = torch.randint(5, 2048, (1, 32), generator=torch.Generator().manual_seed(3))
 
-    def run(case) -> tuple[float, torch.Tensor]:
-        t0 = time.perf_counter()
+    def run(case) -> tuple[float, float, torch.Tensor]:
+        gc.collect()
+        w0, c0 = time.perf_counter(), time.process_time()
         if case is None:
             toks = greedy(model, prompt, args.new_tokens, None)
         else:
             with SteeringContext(model, *case) as ctx:
                 toks = greedy(model, prompt, args.new_tokens, ctx)
-                if case[2] is not None:
-                    ctx.readouts()
-        return time.perf_counter() - t0, toks
+            if case[2] is not None:
+                ctx.readouts()
+        return time.perf_counter() - w0, time.process_time() - c0, toks
 
     for case in cases.values():  # warm-up
         run(case)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     outputs: dict[str, torch.Tensor] = {}
-    for _ in range(args.repeats):
-        for name, case in cases.items():
-            dt, toks = run(case)
-            times[name].append(dt)
+    for rep in range(args.repeats):
+        order = list(cases.items())
+        for name, case in order if rep % 2 == 0 else order[::-1]:  # alternate the order to cancel drift
+            w, c, toks = run(case)
+            wall[name].append(w)
+            cpu[name].append(c)
             outputs[name] = toks
 
-    base = statistics.median(times["unsteered"])
-    print(f"threads {torch.get_num_threads()}, prompt 32, new tokens {args.new_tokens}, repeats {args.repeats}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        changed = "" if name == "unsteered" else f"  (tokens differ from unsteered: {not torch.equal(outputs[name], outputs['unsteered'])})"
-        print(f"{name:34s} median {med * 1000:8.1f} ms  {med / args.new_tokens * 1000:6.2f} ms/token  x{med / base:.3f}{changed}")
+    med = {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in cases}
+    base_wall, base_cpu = med["unsteered"]
+    print(f"torch threads {torch.get_num_threads()}, prompt 32 tokens, {args.new_tokens} new tokens, "
+          f"median of {args.repeats} alternated repeats")
+    base_min = min(cpu["unsteered"])
+    print(f"{'case':34s} {'wall ms':>8s} {'cpu ms':>8s} {'cpu ms/token':>12s} {'x wall':>7s} {'x cpu':>7s} {'x cpu(min)':>10s}")
+    for name in cases:
+        w, c = med[name]
+        changed = "" if name == "unsteered" else f"  tokens changed: {not torch.equal(outputs[name], outputs['unsteered'])}"
+        print(f"{name:34s} {w * 1e3:8.1f} {c * 1e3:8.1f} {c / args.new_tokens * 1e3:12.3f} "
+              f"{w / base_wall:7.3f} {c / base_cpu:7.3f} {min(cpu[name]) / base_min:10.3f}{changed}")
     for name in list(cases)[2:]:
-        print(f"ratio {name}: {statistics.median(times[name]) / base:.3f}")
-    print(f"ratio {statistics.median(times['jumprelu clamp']) / base:.3f}")
+        print(f"ratio {name}: {med[name][1] / base_cpu:.3f}")
+    print(f"ratio {med['jumprelu clamp'][1] / base_cpu:.3f}")
 
 
 if __name__ == "__main__":

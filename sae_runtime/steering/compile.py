@@ -134,6 +134,9 @@ class EditGroup:
     plan_rows: tuple[int, ...]  # the plan row of each hook-batch row in ``rows``
     #: The SAE restricted to ``latents`` (see :func:`restrict`), or None: use encode_selected.
     encoder: Sae | None = None
+    #: All rows, error term kept, restricted encoder, no input normalisation, no normalised add:
+    #: the context may take its shortest path.
+    lean: bool = False
 
 
 def make_group(
@@ -152,7 +155,7 @@ def make_group(
 
     mul_cpu = compiled.mul.index_select(1, sel)
     latents = compiled.latents.to(device)
-    return EditGroup(
+    group = EditGroup(
         rows=torch.tensor(list(batch_rows), dtype=torch.long, device=device),
         all_rows=list(batch_rows) == list(range(n_batch)),
         replace=replace,
@@ -166,6 +169,11 @@ def make_group(
         plan_rows=tuple(plan_rows),
         encoder=encoder,
     )
+    group.lean = (
+        group.all_rows and not replace and encoder is not None and group.add_norm is None
+        and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+    )
+    return group
 
 
 def restrict(sae: Sae, latents: Tensor) -> Sae | None:

@@ -166,6 +166,14 @@ class SteeringContext:
         read = name in self._read
         if not groups and not read:
             return None
+        if not read and len(groups) == 1 and groups[0].lean and site.is_text and self._valid is None and x.dtype == groups[0].decoder_rows.dtype:
+            # Decode-step fast path (same maths as below, fewest ops): every row edited, every
+            # position in scope, error term kept, no input normalisation, restricted encoder.
+            g = groups[0]
+            f_u = g.encoder.encode_normalized(x)  # type: ignore[union-attr]
+            f_new = apply_ops(g, f_u, None)
+            df = (f_new - f_u).reshape(-1, f_u.shape[-1])
+            return torch.addmm(x.reshape(-1, x.shape[-1]), df, g.decoder_rows).view(x.shape)
         xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
         f_full = f_after = None
         if read:
