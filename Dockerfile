@@ -56,10 +56,15 @@ COPY models/ models/
 # KubeRay runs commands in a login shell, which resets PATH from /etc/profile.
 RUN printf '%s\n' /app /app/gen > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sae_steering.pth" \
     && echo "export PATH=/opt/venv/bin:\${PATH}" > /etc/profile.d/venv.sh
+RUN mkdir -p /app/cache && chown 10001:10001 /app/cache
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    SAE_DEMO_CACHE=/app/cache/demo
 USER 10001:10001
+# The multimodal mechanics demos (`demo: true` in configs/demo.yaml) are built from a fixed seed
+# here, once, instead of at every container start.
+RUN python -c "from sae_runtime.demo.multimodal import ensure_multimodal_demos; ensure_multimodal_demos()"
 EXPOSE 9000 8000 8080
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "-m", "services.healthcheck", "--target", "127.0.0.1:9000", "--timeout", "8"]

@@ -123,6 +123,18 @@ def test_dependencies_are_pinned_and_test_tools_stay_out_of_the_image():
     assert excluded == TEST_ONLY
 
 
+def test_builtin_demo_models_are_built_into_the_image():
+    """Models with `demo: true` are built at first start unless cached: the image caches them."""
+    final = final_stage()
+    env = " ".join(a for i, a in final if i == "ENV")
+    assert "SAE_DEMO_CACHE=/app/cache/demo" in env
+    runs = [a for i, a in final if i == "RUN"]
+    user_at = [n for n, (i, _) in enumerate(final) if i == "USER"][0]
+    build = [n for n, (i, a) in enumerate(final) if i == "RUN" and "ensure_multimodal_demos()" in a]
+    assert build and build[0] > user_at  # built as the runtime user, who owns the cache
+    assert any("chown 10001:10001 /app/cache" in r for r in runs)
+
+
 def test_demo_config_paths_are_inside_directories_the_runtime_stage_copies():
     copied = {a.split()[-1].rstrip("/") for i, a in final_stage() if i == "COPY" and not a.startswith("--from")}
     config = load_config(REPO / "configs" / "demo.yaml")
@@ -130,7 +142,7 @@ def test_demo_config_paths_are_inside_directories_the_runtime_stage_copies():
     for model in config.models:
         spec = model.to_spec(Path("/app/configs"))
         for path in [spec.path, spec.risk_probe, *(s.path for s in spec.saes)]:
-            if path:
+            if path:  # "" for a built-in demo model
                 assert Path(path).relative_to("/app").parts[0] in copied, path
 
 
