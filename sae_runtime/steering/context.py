@@ -86,29 +86,35 @@ class SteeringContext:
         self.set_phase("prefill")
 
     # -- what the next forward computes -------------------------------------------------------
-    def set_phase(self, phase: str, valid: Tensor | None = None, *, vision_rows: Sequence[int] | None = None) -> None:
+    def set_phase(
+        self, phase: str, valid: Tensor | None = None, *, rows: Sequence[int] | None = None,
+        vision_rows: Sequence[int] | None = None,
+    ) -> None:
         """Declare the next forward(s): ``prefill`` (prompt positions) or ``decode`` (generated ones).
 
         ``valid``: (B, T) attention mask of the tokens this forward computes (left padding = 0), or
         the whole (B, past + T) attention mask (its last T columns are used); padding positions
-        are neither edited nor read. None = all valid. ``vision_rows``: plan row of each image in
-        the vision tower's batch when it differs from 0..B-1.
+        are neither edited nor read. None = all valid. ``rows``: plan row of each entry of the
+        forward's batch when it is not 0..B-1 (e.g. finished rows dropped during decoding);
+        ``vision_rows``: the same for the vision tower's batch (images).
         """
         if phase not in PHASES:
             raise InvalidArgument(f"unknown phase {phase!r} (expected one of {PHASES})", field="phase")
         self._phase = phase
         self._valid = None if valid is None else valid.to(dtype=torch.bool)
+        self._rows = None if rows is None else tuple(int(r) for r in rows)
         self._vision_rows = None if vision_rows is None else tuple(int(r) for r in vision_rows)
         self._step, self._cfg_doubled = 0, False
         self._weights = {k: w for k, w in self._weights.items() if len(k) > 1}
 
-    def prefill(self, valid: Tensor | None = None, *, vision_rows: Sequence[int] | None = None) -> None:
-        """Shorthand for ``set_phase("prefill", valid, vision_rows=...)``."""
-        self.set_phase("prefill", valid, vision_rows=vision_rows)
+    def prefill(self, valid: Tensor | None = None, *, rows: Sequence[int] | None = None,
+                vision_rows: Sequence[int] | None = None) -> None:
+        """Shorthand for ``set_phase("prefill", valid, rows=..., vision_rows=...)``."""
+        self.set_phase("prefill", valid, rows=rows, vision_rows=vision_rows)
 
-    def decode(self, valid: Tensor | None = None) -> None:
-        """Shorthand for ``set_phase("decode", valid)``."""
-        self.set_phase("decode", valid)
+    def decode(self, valid: Tensor | None = None, *, rows: Sequence[int] | None = None) -> None:
+        """Shorthand for ``set_phase("decode", valid, rows=...)``."""
+        self.set_phase("decode", valid, rows=rows)
 
     def set_unet_step(self, step: int, num_steps: int, cfg_doubled: bool) -> None:
         """Declare the next U-Net forward: denoising ``step`` of ``num_steps``.
@@ -235,9 +241,13 @@ class SteeringContext:
                     raise InvalidArgument(f"CFG-doubled U-Net batch of {n_batch} for {self.n_rows} plans", field="batch")
                 return [j % self.n_rows for j in range(n_batch)], ["uncond" if j < self.n_rows else "cond" for j in range(n_batch)]
         elif site.kind is SiteKind.VISION_LAYER and self._vision_rows is not None:
-            if len(self._vision_rows) != n_batch:
+            if len(self._vision_rows) != n_batch or not all(0 <= r < self.n_rows for r in self._vision_rows):
                 raise InvalidArgument(f"vision batch of {n_batch} but {len(self._vision_rows)} vision_rows", field="vision_rows")
             return list(self._vision_rows), ["cond"] * n_batch
+        elif site.is_text and self._rows is not None:
+            if len(self._rows) != n_batch or not all(0 <= r < self.n_rows for r in self._rows):
+                raise InvalidArgument(f"site {site.name} sees a batch of {n_batch} but rows is {self._rows}", field="rows")
+            return list(self._rows), ["cond"] * n_batch
         if n_batch != self.n_rows:
             raise InvalidArgument(f"site {site.name} sees a batch of {n_batch} for {self.n_rows} plans", field="batch")
         return list(range(n_batch)), ["cond"] * n_batch
@@ -253,7 +263,7 @@ class SteeringContext:
 
     def _state_key(self, site: HookSite, n_batch: int) -> tuple:
         if site.is_text:
-            return ("text", self._phase, n_batch)
+            return ("text", self._phase, n_batch, self._rows)
         if site.kind is SiteKind.UNET_BLOCK:
             return ("unet", self._step, self._cfg_doubled, n_batch)
         return ("vision", self._vision_rows, n_batch)

@@ -498,3 +498,25 @@ def test_auto_phase_under_hf_generate_matches_the_manual_loop(llama, lm_saes):
     assert torch.equal(gen, logits.argmax(-1))
     assert gen[1, 0] == plain[1, 0]  # a generated-only edit cannot change the first new token
     assert torch.equal(gen[2], plain[2])
+
+
+def test_rows_map_a_smaller_or_permuted_batch_to_plan_rows(llama, lm_saes):
+    """A forward may carry a subset of the plan rows in any order (e.g. finished rows dropped)."""
+    saes = {"r0": lm_saes["r0"]}
+    plans = [plan(edit("r0", EditOp.SET, [1], 3.0), saes=saes), None, plan(edit("r0", EditOp.ABLATE, [2, 3, 4]), saes=saes)]
+    ids = ids_of(3, 5, 11)
+    with torch.no_grad():
+        with SteeringContext(llama, saes, plans, ReadoutSpec(("r0",), 3)) as ctx:
+            ctx.prefill()
+            full = llama(ids).logits
+        with SteeringContext(llama, saes, plans, ReadoutSpec(("r0",), 3)) as sub:
+            sub.prefill(rows=[2, 0])
+            part = llama(ids[[2, 0]]).logits
+            sub.prefill(rows=[5])
+            with pytest.raises(InvalidArgument):
+                llama(ids[:1])
+    torch.testing.assert_close(part, full[[2, 0]], atol=1e-5, rtol=0)
+    a, b = ctx.readouts(), sub.readouts()
+    for r in (0, 2):
+        assert torch.equal(a[r]["r0"].prompt.after.indices, b[r]["r0"].prompt.after.indices)
+    assert b[1]["r0"].prompt is None  # row 1 never ran in ``sub``
