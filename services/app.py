@@ -32,7 +32,7 @@ def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -
     base = Path(base_dir)
     models = {
         m.name: ModelServer.options(**m.deployment_options()).bind(
-            m.to_spec(base), m.batching.model_dump(), m.resources.torch_threads
+            m.to_spec(base), m.batching.model_dump(), m.resources.torch_threads, m.demo
         )
         for m in config.models
     }
@@ -89,7 +89,7 @@ def check_local_paths(config: ServiceConfig, base_dir: Path) -> None:
     missing = []
     for n, m in enumerate(config.models):
         spec = m.to_spec(base_dir)
-        named = [(f"models.{n}.path", m.path, spec.path)]
+        named = [(f"models.{n}.path", m.path, spec.path)] if not m.demo else []
         named += [(f"models.{n}.saes.{k}.path", s.path, t.path) for k, (s, t) in enumerate(zip(m.saes, spec.saes))]
         named += [(f"models.{n}.risk_probe", m.risk_probe, spec.risk_probe)]
         missing += [f"  {field}: {resolved} does not exist" for field, given, resolved in named if given and not Path(resolved).exists()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.backends.types import Backend
@@ -15,6 +16,30 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "llava": ("sae_runtime.backends.llava", "LlavaBackend"),
     "sdxl_turbo": ("sae_runtime.backends.sdxl_turbo", "SdxlTurboBackend"),
 }
+
+
+#: ModelSpec.kind -> (module, function) building that kind's mechanics demo on first use (cached).
+DEMOS: dict[str, tuple[str, str]] = {
+    "llava": ("sae_runtime.demo.multimodal", "ensure_llava_demo"),
+    "sdxl_turbo": ("sae_runtime.demo.multimodal", "ensure_sdxl_demo"),
+}
+
+
+def demo_spec(spec: ModelSpec) -> ModelSpec:
+    """The built-in demo of ``spec.kind`` (built from a fixed seed on first use, then cached in
+    ``$SAE_DEMO_CACHE``), under the configured name, limits, dtype and device."""
+    if spec.kind not in DEMOS:
+        raise InvalidArgument(f"no built-in demo for kind {spec.kind!r}", field="demo")
+    module, name = DEMOS[spec.kind]
+    built: ModelSpec = getattr(importlib.import_module(module), name)()
+    return replace(
+        built,
+        name=spec.name,
+        description=spec.description or built.description,
+        dtype=spec.dtype,
+        device=spec.device,
+        limits=spec.limits,
+    )
 
 
 def backend_class(kind: str) -> type[Backend]:

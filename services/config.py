@@ -68,6 +68,8 @@ class _Located(_Strict):
 
     @model_validator(mode="after")
     def _one_location(self):
+        if getattr(self, "demo", False):
+            return self  # ModelConfig._consistent checks demo entries
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of 'path' or 'hub_id'")
         return self
@@ -128,9 +130,15 @@ class AutoscalingEntry(_Strict):
         return self
 
 
+#: Kinds with a built-in mechanics demo (tiny random model + briefly trained SAEs, built from a
+#: fixed seed on first start and cached): ``demo: true`` instead of ``path``/``hub_id``.
+DEMO_KINDS = ("llava", "sdxl_turbo")
+
+
 class ModelConfig(_Located):
     name: str
     kind: Literal["causal_lm", "llava", "sdxl_turbo"]
+    demo: bool = False
     description: str = ""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
@@ -157,6 +165,11 @@ class ModelConfig(_Located):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.demo:
+            if self.kind not in DEMO_KINDS:
+                raise ValueError(f"demo: true is available for kinds {', '.join(DEMO_KINDS)}")
+            if self.path is not None or self.hub_id is not None or self.saes or self.risk_probe is not None:
+                raise ValueError("a demo model brings its own files: give no path, hub_id, saes or risk_probe")
         names = [s.name for s in self.saes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -173,14 +186,15 @@ class ModelConfig(_Located):
         return self
 
     def to_spec(self, base_dir: Path) -> ModelSpec:
-        """The backend build spec, with relative paths resolved against ``base_dir``."""
+        """The backend build spec, with relative paths resolved against ``base_dir``. For a demo
+        model ``path`` is empty: the replica builds (or finds cached) the demo and fills it in."""
         probe = None
         if self.risk_probe is not None:
             probe = str((base_dir / os.path.expanduser(self.risk_probe)).resolve())
         return ModelSpec(
             name=self.name,
             kind=self.kind,
-            path=self.location(base_dir),
+            path="" if self.demo else self.location(base_dir),
             saes=tuple(
                 SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format) for s in self.saes
             ),

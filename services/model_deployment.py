@@ -27,7 +27,7 @@ from sae_runtime.backends import types as rt
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.errors import InvalidArgument, SaeRuntimeError
 from services import convert
-from services.backend_factory import build_backend
+from services.backend_factory import build_backend, demo_spec
 from services.metrics import model_metrics
 
 DEFAULT_SEARCH_LIMIT = 20
@@ -114,13 +114,13 @@ IMAGE_KINDS = ("sdxl_turbo",)
 class ModelServer:
     """A replica holding one loaded backend. Methods take and return proto messages."""
 
-    def __init__(self, spec: ModelSpec, batching: dict[str, float], torch_threads: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, batching: dict[str, float], torch_threads: int | None = None, demo: bool = False) -> None:
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.spec = spec
         self.metrics = model_metrics()
+        self.spec = spec = demo_spec(spec) if demo else spec  # a demo is built (first start) or found in the cache
         started = time.perf_counter()
         self.backend = build_backend(spec)
         self.metrics.load_s.observe(time.perf_counter() - started, tags={"model": spec.name})

@@ -36,7 +36,9 @@ def error_of(data) -> str:
 def test_shipped_default_config_validates_and_resolves_paths_against_its_directory():
     config = load_config(DEFAULT_CONFIG)
     assert config.grpc.port == 9000
-    assert [m.name for m in config.models][0] == "demo-lm"
+    assert [m.name for m in config.models] == ["demo-lm", "demo-llava", "demo-sdxl-turbo"]
+    assert [m.demo for m in config.models] == [False, True, True]
+    assert sum(m.resources.num_cpus for m in config.models) + config.ingress.num_cpus <= 2  # fits 2 cores
     spec = config.models[0].to_spec(DEFAULT_CONFIG.parent)
     repo = DEFAULT_CONFIG.parent.parent
     assert Path(spec.path).is_relative_to(repo / "models")
@@ -81,10 +83,23 @@ def test_model_spec_carries_every_setting(tmp_path):
         ({"models": []}, "models: "),
         ({"models": minimal()["models"] * 2}, "duplicate model names: lm"),
         (["not", "a", "mapping"], "top level must be a mapping"),
+        (minimal(kind="causal_lm", demo=True, path=None, saes=[]), "demo: true is available for kinds llava, sdxl_turbo"),
+        (minimal(kind="llava", demo=True, saes=[]), "a demo model brings its own files"),
+        (minimal(kind="llava", demo=True, path=None), "a demo model brings its own files"),
     ],
 )
 def test_invalid_configs_name_the_field(data, expected):
     assert expected in error_of(data)
+
+
+def test_demo_models_need_no_files_and_round_trip():
+    data = {"models": [{"name": "demo-llava", "kind": "llava", "demo": True, "limits": {"max_new_tokens": 9}}]}
+    config = parse_config(data)
+    (model,) = config.models
+    spec = model.to_spec(Path("/base"))
+    assert model.demo and spec.path == "" and spec.saes == () and spec.limits.max_new_tokens == 9
+    rendered = render_serve_config(config, base_dir="/app")
+    assert parse_config(rendered["applications"][0]["args"]["config"]) == config
 
 
 def test_unreadable_and_non_yaml_files(tmp_path):
