@@ -25,9 +25,11 @@ Usage (causal LM, greedy, KV cache; ``ids``/``mask`` left-padded (B, T))::
             pos = pos[:, -1:] + 1
     readouts = ctx.readouts()   # per row: {"res5": SaeReadout(prompt=..., generated=...)}
 
-U-Net: before each ``unet(...)`` call, ``ctx.set_unet_step(step, num_steps, cfg_doubled)``;
-a CFG-doubled batch is [uncond rows, cond rows] (diffusers' order). LLaVA: ``ctx.prefill(mask)``
-covers the vision tower and the language model's prompt in the same forward.
+Under HF ``generate`` pass ``auto_phase=True`` instead: the context reads each call's KV cache
+and attention mask. ``ctx.decode(rows=[...])`` maps a smaller batch (finished rows dropped) to
+plan rows. U-Net: before each ``unet(...)`` call, ``ctx.set_unet_step(step, num_steps,
+cfg_doubled)``; a CFG-doubled batch is [uncond rows, cond rows] (diffusers' order). LLaVA:
+``ctx.prefill(mask)`` covers the vision tower and the language model's prompt in one forward.
 """
 
 from sae_runtime.steering.compile import CompiledEdits, compile_edits
