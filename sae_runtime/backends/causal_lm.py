@@ -123,7 +123,7 @@ class CausalLmBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from sae_runtime.errors import FormatError
-        from sae_runtime.formats import load_sae
+        from sae_runtime.backends.loading import load_spec_saes
 
         dtype = getattr(torch, spec.dtype)
         try:
@@ -132,18 +132,15 @@ class CausalLmBackend(Backend):
         except OSError as err:
             raise FormatError(f"cannot load a causal LM and tokenizer: {err}", field=spec.path) from None
         model = model.to(spec.device).eval()
-        saes = {}
-        for s in spec.saes:
-            sae = load_sae(s.path, format=s.format, device=spec.device)
-            if s.hook_name:
-                sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
-            saes[s.name] = sae
+        saes, load_timings = load_spec_saes(spec)
         probe = None
         if spec.risk_probe:
             from sae_runtime.risk import RiskProbe
 
             probe = RiskProbe.load(spec.risk_probe)
-        return cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description, limits=spec.limits)
+        backend = cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description, limits=spec.limits)
+        backend.load_timings = load_timings
+        return backend
 
     def info(self) -> ModelInfo:
         return ModelInfo(

@@ -96,26 +96,23 @@ class LlavaBackend(CausalLmBackend):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         from sae_runtime.errors import FormatError
-        from sae_runtime.formats import load_sae
+        from sae_runtime.backends.loading import load_spec_saes
 
         try:
             model = LlavaForConditionalGeneration.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
             processor = AutoProcessor.from_pretrained(spec.path)
         except OSError as err:
             raise FormatError(f"cannot load a LLaVA model and processor: {err}", field=spec.path) from None
-        saes = {}
-        for s in spec.saes:
-            sae = load_sae(s.path, format=s.format, device=spec.device)
-            if s.hook_name:
-                sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
-            saes[s.name] = sae
+        saes, load_timings = load_spec_saes(spec)
         probe = None
         if spec.risk_probe:
             from sae_runtime.risk import RiskProbe
 
             probe = RiskProbe.load(spec.risk_probe)
-        return cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
-                   description=spec.description, limits=spec.limits)
+        backend = cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
+                      description=spec.description, limits=spec.limits)
+        backend.load_timings = load_timings
+        return backend
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> TextRequest | EncodeRequest:

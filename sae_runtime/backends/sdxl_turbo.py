@@ -131,20 +131,17 @@ class SdxlTurboBackend(Backend):
         from diffusers import StableDiffusionXLPipeline
 
         from sae_runtime.errors import FormatError
-        from sae_runtime.formats import load_sae
+        from sae_runtime.backends.loading import load_spec_saes
 
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
         except (OSError, ValueError) as err:
             raise FormatError(f"cannot load a StableDiffusionXLPipeline: {err}", field=spec.path) from None
         pipe = pipe.to(spec.device)
-        saes = {}
-        for s in spec.saes:
-            sae = load_sae(s.path, format=s.format, device=spec.device)
-            if s.hook_name:
-                sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
-            saes[s.name] = sae
-        return cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits)
+        saes, load_timings = load_spec_saes(spec)
+        backend = cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits)
+        backend.load_timings = load_timings
+        return backend
 
     def close(self) -> None:
         for h in self._handles:

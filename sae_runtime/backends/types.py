@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Iterator, Mapping, Sequence
 
 from sae_runtime.errors import NotFound
@@ -213,6 +214,8 @@ class Backend(abc.ABC):
     """A loaded base model with its SAEs (and risk probe). One instance per model replica."""
 
     kind: str
+    #: Seconds each SAE took to load (name -> s), set by ``from_spec``; exported as a metric.
+    load_timings: Mapping[str, float] = MappingProxyType({})
 
     @abc.abstractmethod
     def info(self) -> ModelInfo: ...
