@@ -98,7 +98,7 @@ def model_metrics() -> ModelMetrics:
         ),
         sae_load_s=metrics.Histogram(
             "steering_sae_load_seconds",
-            description="Time to load one SAE in a replica, in s (where the backend reports it).",
+            description="Time to load one SAE in a replica, in s.",
             boundaries=LOAD_S_BUCKETS,
             tag_keys=("model", "sae"),
         ),

@@ -124,7 +124,7 @@ class ModelServer:
         started = time.perf_counter()
         self.backend = build_backend(spec)
         self.metrics.load_s.observe(time.perf_counter() - started, tags={"model": spec.name})
-        for sae, seconds in dict(getattr(self.backend, "load_timings", {}) or {}).items():
+        for sae, seconds in self.backend.load_timings.items():
             self.metrics.sae_load_s.observe(float(seconds), tags={"model": spec.name, "sae": str(sae)})
         self.info = self.backend.info()
         self.sae_names = tuple(s.name for s in self.info.saes)

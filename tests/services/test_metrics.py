@@ -57,6 +57,7 @@ def test_metrics_endpoint_counts_requests_latencies_batches_tokens_and_risk(serv
             "batch sizes": total(families, "ray_steering_batch_size", "_count", model=LM, method="generate") >= 2,
             "risk": total(families, "ray_steering_risk_score", "_count", model=LM) >= 2,
             "load time": total(families, "ray_steering_model_load_seconds", "_count", model=LM) >= 1,
+            "SAE load time": total(families, "ray_steering_sae_load_seconds", "_count", model=LM, sae=LM_SAE) >= 1,
             "latency": total(families, "ray_steering_request_latency_ms", "_count", model=LM, method="Generate") >= 2,
             "serve's own gRPC counter": total(families, "ray_serve_num_grpc_requests", "_total") >= 3,
         }
