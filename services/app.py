@@ -106,12 +106,15 @@ def example_call(config: ServiceConfig) -> str:
             lines.append(f'  {cli} image --model {m.name} --steps 1 --out image.png "a cat"')
         elif m.kind == "causal_lm":
             lines.append(f'  {cli} generate --model {m.name} --set color:red=8 "the"')
+        elif m.kind == "llava":
+            lines.append(f'  {cli} generate --model {m.name} --image some.png "what colour is it"')
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the SAE steering gRPC API locally (Ctrl-C stops it).")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (default: %(default)s)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
 
@@ -126,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        config = start(args.config)
+        config = start(args.config, ray_init_kwargs={"_metrics_export_port": args.metrics_port})
         print(f"\nSAE steering service: gRPC on localhost:{config.grpc.port}, models: "
-              f"{', '.join(m.name for m in config.models)}\nTry:\n{example_call(config)}\n(Ctrl-C to stop)", flush=True)
+              f"{', '.join(m.name for m in config.models)}\n"
+              f"Metrics: http://localhost:{args.metrics_port}/metrics\nTry:\n{example_call(config)}\n(Ctrl-C to stop)",
+              flush=True)
         stop.wait()
     finally:
         print("shutting down...", file=sys.stderr, flush=True)

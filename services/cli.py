@@ -5,6 +5,7 @@
     python -m services.cli generate --model demo-lm --ablate 12 --add animal:cat=4 --stream "the"
     python -m services.cli search-features --model demo-lm red
     python -m services.cli encode --model demo-lm "the red cat"
+    python -m services.cli generate --model demo-llava --image cat.png "what colour is it"
     python -m services.cli image --model demo-sdxl --set texture:fur=20 --out cat.png "a cat"
     python -m services.cli health
 
@@ -133,6 +134,8 @@ def cmd_generate(client: SteeringClient, args: argparse.Namespace, console: Cons
         return_logprobs=0,
         mitigate_risk_top_n=args.mitigate,
     )
+    if args.stream and args.image:
+        raise UsageError("--stream takes no --image (GenerateStream is text-only)")
     if args.stream:
         final = None
         for message in client.stream(args.model, args.prompt, **options):
@@ -142,6 +145,8 @@ def cmd_generate(client: SteeringClient, args: argparse.Namespace, console: Cons
             if message.HasField("final"):
                 final = message.final
         response = final
+    elif args.image:
+        response = client.generate_multimodal(args.model, Path(args.image).read_bytes(), args.prompt, **options)
     else:
         response = client.generate(args.model, args.prompt, **options)
     if args.json:
@@ -238,6 +243,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=5, help="latents to show per SAE")
     g.add_argument("--readout", dest="sae_readout", action="append", metavar="SAE", help="SAEs to read (default: all)")
     g.add_argument("--mitigate", type=int, default=0, metavar="N", help="ablate the N most risk-positive latents")
+    g.add_argument("--image", metavar="PNG_OR_JPEG", help="an image for a LLaVA model (GenerateMultimodal)")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true", help="print the response as JSON")
     g.set_defaults(func=cmd_generate)

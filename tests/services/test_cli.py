@@ -8,7 +8,7 @@ import pytest
 
 from services import cli
 from services.client import Generation, edit
-from tests.services.helpers import IMAGE, LM, LM_LABELS, LM_SAE
+from tests.services.helpers import IMAGE, LM, LM_LABELS, LM_SAE, VLM, png_bytes
 
 
 @pytest.fixture
@@ -45,6 +45,15 @@ def test_generate_json_and_stream(run, client):
 
     code, out = run("generate", "--model", LM, "--ablate", "3", "--max-new-tokens", "3", "--stream", "the dog")
     assert code == 0 and "risk" in out and "Generation" in out
+
+
+def test_generate_with_an_image_calls_the_multimodal_rpc(run, client, tmp_path):
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes(5))
+    code, out = run("generate", "--model", VLM, "--image", str(image), "--max-new-tokens", "3", "--json", "what is it")
+    assert code == 0
+    expected = client.generate_multimodal(VLM, png_bytes(5), "what is it", generation=Generation(max_new_tokens=3), seed=0)
+    assert json.loads(out)["completion"]["text"] == expected.completion.text
 
 
 def test_list_search_encode_health(run):
