@@ -1,0 +1,98 @@
+"""Throughput of heterogeneous batching through the running service (target: >= 4 on 2 cores).
+
+The demo LM (configs/demo.yaml's batching, limits and resources; a stand-in of its size until
+models/demo-lm is built) is served by Ray Serve with the gRPC proxy on loopback. N requests, each
+with its own edit set (8 latents clamped, sometimes 4 more scaled; different latents and values
+per request), greedy, ``--new-tokens`` tokens, are sent
+
+- one at a time (the next request leaves when the previous answer is back), and
+- with ``--concurrency`` (16) in flight, so @serve.batch groups requests with different plans
+  into one forward pass per step.
+
+Both modes send the same requests; each is timed ``--repeats`` times, alternating, and the
+median is kept. Prints both throughputs, the batch sizes the service reported, whether every
+request got the same tokens in both modes, and as the last line
+``ratio <concurrent throughput / one-at-a-time throughput>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _support.serving import PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=0, help="override the config's resources.torch_threads")
+    args = ap.parse_args()
+
+    from services.client import Generation, SteeringClient, edit
+
+    overrides = {}
+    if args.torch_threads:
+        overrides["resources"] = {"num_cpus": 0.5, "torch_threads": args.torch_threads}
+    with demo_lm_setup(**overrides) as setup, serving(setup) as target:
+        with SteeringClient(target, timeout=300) as client:
+            (info,) = [m for m in client.list_models() if m.name == setup.model]
+            sae = info.saes[0]
+            edit_sets = distinct_edit_sets(args.requests, sae.name, sae.width, seed=0)
+            requests = [
+                SteeringClient.text_request(
+                    setup.model, PROMPTS[i % len(PROMPTS)], seed=i,
+                    edits=[edit(s, op, *latents, value=value) for s, op, latents, value in edit_sets[i]],
+                    generation=Generation(max_new_tokens=args.new_tokens),
+                )
+                for i in range(args.requests)
+            ]
+
+            def one_at_a_time():
+                return [client.generate_request(r) for r in requests]
+
+            def concurrent():
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    return list(pool.map(client.generate_request, requests))
+
+            concurrent()  # warm-up: compile paths, fill caches
+            one_at_a_time()
+            times: dict[str, list[float]] = {"one at a time": [], "concurrent": []}
+            outputs: dict[str, list] = {}
+            for _ in range(args.repeats):
+                for name, fn in (("one at a time", one_at_a_time), ("concurrent", concurrent)):
+                    t0 = time.perf_counter()
+                    outputs[name] = fn()
+                    times[name].append(time.perf_counter() - t0)
+
+    tokens = sum(len(r.completion.tokens) for r in outputs["concurrent"])
+    same = sum(
+        [t.id for t in a.completion.tokens] == [t.id for t in b.completion.tokens]
+        for a, b in zip(outputs["one at a time"], outputs["concurrent"])
+    )
+    batch_sizes = [r.timings.batch_size for r in outputs["concurrent"]]
+    print(f"machine: {machine()}")
+    print(f"model: {setup.what}; replica resources {setup.config['models'][0].get('resources')}")
+    print(f"requests {args.requests}, each with its own edit set; {args.new_tokens} new tokens each; "
+          f"concurrency {args.concurrency}; repeats {args.repeats} (median)")
+    throughput = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        throughput[name] = args.requests / med
+        print(f"{name:14s} {med:7.2f} s  {throughput[name]:6.2f} req/s  {tokens / med:7.1f} tokens/s")
+    print(f"service batch size (concurrent): mean {statistics.mean(batch_sizes):.1f}, max {max(batch_sizes)}")
+    print(f"same tokens in both modes: {same}/{args.requests} requests")
+    print(f"ratio {throughput['concurrent'] / throughput['one at a time']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""What the service adds to one request: a one-token Generate through gRPC vs the same call
+in-process (target: p50 difference <= 5 ms).
+
+The demo LM (configs/demo.yaml's settings; a stand-in of its size until models/demo-lm is built)
+is served by Ray Serve with the gRPC proxy on loopback, and also loaded in this process from the
+same spec. One steered request (8 latents clamped, greedy, 1 new token) is sent ``--requests``
+times one after the other down each path, in alternating blocks:
+
+- grpc: client -> gRPC proxy -> ingress deployment -> model deployment (validation,
+  @serve.batch, backend) and back;
+- in-process: the model deployment's own steps without Ray: proto -> request spec, validate,
+  ``backend.generate([request])``, result -> proto.
+
+A lone request waits ``batching.batch_wait_timeout_s`` (10 ms in configs/demo.yaml) for company
+before its batch runs: a configured latency/throughput trade, not transport overhead. So the
+model is served twice, as configured and with that wait at 0, and both are printed; the last
+line is ``ratio <p50 grpc (wait 0) / p50 in-process>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _support.serving import demo_lm_setup, machine, serving  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--block", type=int, default=20, help="requests per path before switching")
+    args = ap.parse_args()
+
+    import torch
+
+    from services import convert
+    from services.backend_factory import build_backend
+    from services.client import Generation, SteeringClient, edit
+    from services.config import parse_config
+
+    with demo_lm_setup() as setup:
+        entry = setup.config["models"][0]
+        nowait = {**entry, "name": f"{setup.model}-nowait", "batching": {**entry.get("batching", {}), "batch_wait_timeout_s": 0.0}}
+        model = parse_config(setup.config).models[0]
+        wait_s = model.batching.batch_wait_timeout_s
+        if model.resources.torch_threads:
+            torch.set_num_threads(model.resources.torch_threads)
+        backend = build_backend(model.to_spec(setup.base_dir))
+        sae = backend.info().saes[0]
+        sae_names = tuple(s.name for s in backend.info().saes)
+
+        def message(name: str):
+            return SteeringClient.text_request(
+                name, "the dog is", seed=0, edits=[edit(sae.name, "set", *range(0, 8 * 37, 37), value=5.0)],
+                generation=Generation(max_new_tokens=1),
+            )
+
+        def in_process() -> None:
+            request = backend.validate(convert.text_request_from_proto(message(setup.model), sae_names, model.limits.max_new_tokens))
+            (result,) = backend.generate([request])
+            convert.text_result_to_proto(result, timings=convert.pb.Timings(), versions=convert.pb.Versions(), steered=True)
+
+        with serving(setup, nowait) as target, SteeringClient(target, timeout=60) as client:
+            paths = {
+                f"grpc (batch wait {wait_s * 1e3:.0f} ms)": lambda: client.generate_request(message(setup.model)),
+                "grpc (batch wait 0)": lambda: client.generate_request(message(nowait["name"])),
+                "in-process": in_process,
+            }
+            for fn in paths.values():  # warm-up
+                for _ in range(5):
+                    fn()
+            latencies: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(max(1, args.requests // args.block)):
+                for name, fn in paths.items():
+                    for _ in range(args.block):
+                        t0 = time.perf_counter()
+                        fn()
+                        latencies[name].append(time.perf_counter() - t0)
+
+    p50 = {name: statistics.median(ts) * 1e3 for name, ts in latencies.items()}
+    base = p50["in-process"]
+    print(f"machine: {machine()}")
+    print(f"model: {setup.what}")
+    print(f"one steered request (8 latents clamped), 1 new token, {len(latencies['in-process'])} per path, sequential")
+    for name, ms in p50.items():
+        p95 = statistics.quantiles(latencies[name], n=20)[-1] * 1e3
+        extra = "" if name == "in-process" else f"  (+{ms - base:.2f} ms over in-process)"
+        print(f"{name:24s} p50 {ms:7.2f} ms  p95 {p95:7.2f} ms{extra}")
+    print(f"difference p50 (batch wait 0): {p50['grpc (batch wait 0)'] - base:.2f} ms")
+    print(f"ratio {p50['grpc (batch wait 0)'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
