@@ -78,10 +78,12 @@ class SteeringIngress:
     ) -> Any:
         """Run ``call`` on the model's handle; on any error set the status and return ``empty()``."""
         started = time.time()
-        status = "OK"
+        status = "CANCELLED"  # unless it completes or fails below (a client that goes away)
         try:
             self._authenticate(grpc_context)
-            return await call(self._handle(model), started)
+            response = await call(self._handle(model), started)
+            status = "OK"
+            return response
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, in one place
             code, details = grpc_status(exc)
             grpc_context.set_code(code)
@@ -121,12 +123,13 @@ class SteeringIngress:
         """Relay the model deployment's token stream. An error sets the status and ends the stream
         (raised, because a stream that yielded nothing cannot carry a status otherwise)."""
         started = time.time()
-        status = "OK"
+        status = "CANCELLED"  # unless it completes or fails below
         try:
             self._authenticate(grpc_context)
             handle = self._handle(request.model).options(stream=True)
             async for message in handle.generate_stream.remote(request, started):
                 yield message
+            status = "OK"
         except Exception as exc:  # noqa: BLE001
             code, details = grpc_status(exc)
             grpc_context.set_code(code)

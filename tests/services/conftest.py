@@ -75,6 +75,7 @@ def service(artifacts) -> Service:
     config_path = artifacts / "service.yaml"
     config_path.write_text(yaml.safe_dump(service_config(grpc_port)))
     ray.init(
+        address="local",  # always a fresh cluster of our own, never one found on the machine
         num_cpus=2,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
