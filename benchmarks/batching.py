@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0, help="override the config's resources.torch_threads")
+    ap.add_argument("--batch-wait", type=float, default=None, help="override the config's batching.batch_wait_timeout_s")
     args = ap.parse_args()
 
     from services.client import Generation, SteeringClient, edit
@@ -43,6 +44,8 @@ def main() -> None:
     overrides = {}
     if args.torch_threads:
         overrides["resources"] = {"num_cpus": 0.5, "torch_threads": args.torch_threads}
+    if args.batch_wait is not None:
+        overrides["batching"] = {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait}
     with demo_lm_setup(**overrides) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
             (info,) = [m for m in client.list_models() if m.name == setup.model]
@@ -81,7 +84,8 @@ def main() -> None:
     )
     batch_sizes = [r.timings.batch_size for r in outputs["concurrent"]]
     print(f"machine: {machine()}")
-    print(f"model: {setup.what}; replica resources {setup.config['models'][0].get('resources')}")
+    entry = setup.config["models"][0]
+    print(f"model: {setup.what}; replica resources {entry.get('resources')}, batching {entry.get('batching')}")
     print(f"requests {args.requests}, each with its own edit set; {args.new_tokens} new tokens each; "
           f"concurrency {args.concurrency}; repeats {args.repeats} (median)")
     throughput = {}
