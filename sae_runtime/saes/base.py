@@ -157,6 +157,33 @@ class Sae(nn.Module):
         x_n, norm = self.normalize(x)
         return self.decode(self.encode_normalized(x_n), norm)
 
+    def restrict(self, idx: Tensor) -> "Sae":
+        """A copy that holds only the latents ``idx`` (k,), for selective architectures.
+
+        Its ``encode_normalized(x_n)`` equals ``self.encode_selected_normalized(x_n, idx)`` but reads
+        a small contiguous slice of the encoder: steering builds it once per request batch instead
+        of gathering columns of the full W_enc on every forward. Per-latent tensors are sliced by
+        SAELens naming: ``W_enc`` on axis 1, every other non-scalar tensor with d_sae rows on axis 0
+        (``b_dec`` and ``W_dec``-independent scalars are kept).
+        """
+        if not self.selective:
+            raise TypeError(f"{self.architecture} latents depend on all latents; use encode_selected")
+        sub = build_sae(self.cfg.replace(d_sae=len(idx))).to(device=self.W_dec.device, dtype=self.W_dec.dtype)
+        state = {}
+        with torch.no_grad():
+            for name, t in self.state_dict().items():
+                if name == "W_enc":
+                    t = t.index_select(1, idx)
+                elif name != "b_dec" and t.dim() >= 1 and t.shape[0] == self.d_sae:
+                    t = t.index_select(0, idx)
+                state[name] = t.clone()
+            for name in ("latent_mean", "latent_std"):
+                if name in state:
+                    sub.register_buffer(name, state[name])
+            sub.load_state_dict(state, strict=True)
+        sub.requires_grad_(False)
+        return sub.eval()
+
     # -- validation --------------------------------------------------------------------------
     def check_latents(self, idx: Any, field: str) -> None:
         """Raise InvalidArgument naming ``field`` unless every index is in [0, d_sae)."""

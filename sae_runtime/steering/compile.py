@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from sae_runtime.plan import EditOp, InterventionPlan
-from sae_runtime.saes.base import Sae, build_sae
+from sae_runtime.saes.base import Sae
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class EditGroup:
     cap: Tensor | None
     mul_zero: bool  # every mul is 0 and K == 1: f' = add (set / ablate only)
     plan_rows: tuple[int, ...]  # the plan row of each hook-batch row in ``rows``
-    #: The SAE restricted to ``latents`` (see :func:`restrict`), or None: use encode_selected.
+    #: The SAE restricted to ``latents`` (:meth:`Sae.restrict`), or None: use encode_selected.
     encoder: Sae | None = None
     #: All rows, error term kept, restricted encoder, no input normalisation, no normalised add:
     #: the context may take its shortest path.
@@ -174,44 +174,6 @@ def make_group(
         and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
     )
     return group
-
-
-def restrict(sae: Sae, latents: Tensor) -> Sae | None:
-    """A copy of a selective SAE that holds only ``latents``: its ``encode_normalized`` equals
-    ``sae.encode_selected_normalized(x, latents)`` but reads a small slice of the encoder, built once
-    per steering context instead of gathered from the full (cache-cold) W_enc on every forward.
-
-    Tensors are sliced by SAELens naming: ``W_enc`` on its latent axis (1), ``b_dec`` kept, every
-    other tensor whose first axis has d_sae entries on axis 0, scalars kept. The copy is checked
-    against ``encode_selected_normalized`` on probe inputs; None (use the SAE itself) when the SAE
-    is not selective or the copy disagrees.
-    """
-    if not sae.selective or len(latents) == 0:
-        return None
-    device, dtype = sae.W_dec.device, sae.W_dec.dtype
-    try:
-        sub = build_sae(sae.cfg.replace(d_sae=len(latents))).to(device=device, dtype=dtype).eval()
-        state = {}
-        with torch.no_grad():
-            for name, t in sae.state_dict().items():
-                if name == "W_enc":
-                    t = t.index_select(1, latents)
-                elif name != "b_dec" and t.dim() >= 1 and t.shape[0] == sae.d_sae:
-                    t = t.index_select(0, latents)
-                state[name] = t
-            for name, buf in sae.named_buffers(recurse=False):  # optional buffers registered as None in sub
-                if getattr(sub, name, None) is None and name in state:
-                    sub.register_buffer(name, state[name].clone())
-            sub.load_state_dict(state, strict=True)
-            for p in sub.parameters():
-                p.requires_grad_(False)
-            g = torch.Generator(device="cpu").manual_seed(0)
-            scales = torch.tensor([0.1, 1.0, 10.0, 100.0]).repeat_interleave(4)[:, None]
-            probe = (torch.randn(16, sae.d_in, generator=g) * scales).to(device=device, dtype=dtype)
-            ok = torch.allclose(sub.encode_normalized(probe), sae.encode_selected_normalized(probe, latents), rtol=1e-5, atol=1e-5)
-    except Exception:  # an architecture whose tensors this slicing does not fit: use encode_selected
-        return None
-    return sub if ok else None
 
 
 def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None) -> Tensor:

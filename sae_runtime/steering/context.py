@@ -13,7 +13,7 @@ from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope, VisionScope
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
-from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group, restrict
+from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
 from sae_runtime.steering.readout import ReadoutAccumulator, SaeReadout
 
 PHASES = ("prefill", "decode", "denoise")
@@ -274,7 +274,8 @@ class SteeringContext:
         if groups is None:
             compiled, sae = self.compiled[name], self.saes[name].sae
             if name not in self._restricted:
-                self._restricted[name] = restrict(sae, compiled.latents.to(sae.W_dec.device))
+                latents = compiled.latents.to(sae.W_dec.device)
+                self._restricted[name] = sae.restrict(latents) if sae.selective and len(latents) else None
             plan_rows, halves = self._row_map(site, n_batch)
             groups = []
             for replace in (False, True):
