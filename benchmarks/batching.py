@@ -18,6 +18,7 @@ request got the same tokens in both modes, and as the last line
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
@@ -29,6 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _support.serving import PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
 
 
+async def concurrent_aio(target: str, requests: list, concurrency: int) -> list:
+    """Every request through one grpc.aio channel, at most ``concurrency`` in flight, in order."""
+    import grpc
+    from steering.v1 import steering_pb2_grpc
+
+    limit = asyncio.Semaphore(concurrency)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = steering_pb2_grpc.SteeringStub(channel)
+
+        async def one(request):
+            async with limit:
+                return await stub.Generate(request, timeout=300)
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
@@ -37,6 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0, help="override the config's resources.torch_threads")
     ap.add_argument("--batch-wait", type=float, default=None, help="override the config's batching.batch_wait_timeout_s")
+    ap.add_argument("--client", choices=("aio", "threads"), default="aio", help="concurrent client: grpc.aio tasks or threads")
     args = ap.parse_args()
 
     from services.client import Generation, SteeringClient, edit
@@ -64,8 +82,10 @@ def main() -> None:
                 return [client.generate_request(r) for r in requests]
 
             def concurrent():
-                with ThreadPoolExecutor(args.concurrency) as pool:
-                    return list(pool.map(client.generate_request, requests))
+                if args.client == "threads":
+                    with ThreadPoolExecutor(args.concurrency) as pool:
+                        return list(pool.map(client.generate_request, requests))
+                return asyncio.run(concurrent_aio(target, requests, args.concurrency))
 
             concurrent()  # warm-up: compile paths, fill caches
             one_at_a_time()
@@ -87,7 +107,7 @@ def main() -> None:
     entry = setup.config["models"][0]
     print(f"model: {setup.what}; replica resources {entry.get('resources')}, batching {entry.get('batching')}")
     print(f"requests {args.requests}, each with its own edit set; {args.new_tokens} new tokens each; "
-          f"concurrency {args.concurrency}; repeats {args.repeats} (median)")
+          f"concurrency {args.concurrency} ({args.client} client); repeats {args.repeats} (median)")
     throughput = {}
     for name, ts in times.items():
         med = statistics.median(ts)
