@@ -147,7 +147,7 @@ def tiny_png(rng: random.Random, side: int = 32) -> bytes:
 
 @dataclass
 class RequestFactory:
-    """Builds the i-th request of the run from the served models (ListModels) and a seeded RNG."""
+    """Builds the run's requests, one per :meth:`build` call, from the served models (ListModels) and a seeded RNG."""
 
     models: Sequence[pb.ModelInfo]
     mix: dict[str, float]
