@@ -55,8 +55,8 @@ COPY models/ models/
 # The code and stubs importable from every process (Ray workers included), as `make venv` does;
 # KubeRay runs commands in a login shell, which resets PATH from /etc/profile.
 RUN printf '%s\n' /app /app/gen > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sae_steering.pth" \
-    && echo "export PATH=/opt/venv/bin:\${PATH}" > /etc/profile.d/venv.sh
-RUN mkdir -p /app/cache && chown 10001:10001 /app/cache
+    && echo "export PATH=/opt/venv/bin:\${PATH}" > /etc/profile.d/venv.sh \
+    && mkdir -p /app/cache && chown 10001:10001 /app/cache
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
