@@ -11,6 +11,9 @@ times one after the other down each path, in alternating blocks:
 - in-process: the model deployment's own steps without Ray: proto -> request spec, validate,
   ``backend.generate([request])``, result -> proto.
 
+Two calls with no model compute show where the time goes: ListModels (proxy -> ingress, answered
+from the ingress' cache) and SearchFeatures (proxy -> ingress -> model deployment, a label scan).
+
 A lone request waits ``batching.batch_wait_timeout_s`` (10 ms in configs/demo.yaml) for company
 before its batch runs: a configured latency/throughput trade, not transport overhead. So the
 model is served twice, as configured and with that wait at 0, and both are printed; the last
@@ -70,6 +73,8 @@ def main() -> None:
                 f"grpc (batch wait {wait_s * 1e3:.0f} ms)": lambda: client.generate_request(message(setup.model)),
                 "grpc (batch wait 0)": lambda: client.generate_request(message(nowait["name"])),
                 "in-process": in_process,
+                "ListModels (hops: proxy, ingress)": client.list_models,
+                "SearchFeatures (+ model hop)": lambda: client.search_features(setup.model, "", limit=1),
             }
             for fn in paths.values():  # warm-up
                 for _ in range(5):
@@ -89,8 +94,8 @@ def main() -> None:
     print(f"one steered request (8 latents clamped), 1 new token, {len(latencies['in-process'])} per path, sequential")
     for name, ms in p50.items():
         p95 = statistics.quantiles(latencies[name], n=20)[-1] * 1e3
-        extra = "" if name == "in-process" else f"  (+{ms - base:.2f} ms over in-process)"
-        print(f"{name:24s} p50 {ms:7.2f} ms  p95 {p95:7.2f} ms{extra}")
+        extra = "" if name == "in-process" or "hop" in name else f"  (+{ms - base:.2f} ms over in-process)"
+        print(f"{name:34s} p50 {ms:7.2f} ms  p95 {p95:7.2f} ms{extra}")
     print(f"difference p50 (batch wait 0): {p50['grpc (batch wait 0)'] - base:.2f} ms")
     print(f"ratio {p50['grpc (batch wait 0)'] / base:.2f}")
 
