@@ -67,6 +67,12 @@ def grpc_options(config: ServiceConfig) -> gRPCOptions:
     )
 
 
+def controller_options(config: ServiceConfig) -> dict[str, Any]:
+    """The Serve controller's env, inherited by the proxies it starts: the gRPC message size cap
+    (Ray reads RAY_SERVE_GRPC_MAX_MESSAGE_SIZE when the proxy starts; its default is 2 GiB)."""
+    return {"runtime_env": {"env_vars": {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.grpc.max_message_bytes)}}}
+
+
 def start(
     config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None, http_port: int = 8000
 ) -> ServiceConfig:
@@ -78,7 +84,11 @@ def start(
     check_local_paths(config, Path(config_path).resolve().parent)
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))
-    serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": http_port})
+    serve.start(
+        grpc_options=grpc_options(config),
+        http_options={"host": "127.0.0.1", "port": http_port},
+        controller_options=controller_options(config),
+    )
     app = build_application(config, Path(config_path).resolve().parent)
     serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
     return config

@@ -223,9 +223,16 @@ class ModelConfig(_Located):
         return options
 
 
+#: Default cap on one gRPC message, request or response (the client's own limit): Ray Serve's proxy
+#: would otherwise accept messages up to 2 GiB.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 class GrpcEntry(_Strict):
     port: int = Field(9000, ge=1, le=65535)
     request_timeout_s: float | None = Field(None, gt=0)
+    #: The proxy's max_receive/max_send_message_length; a larger message is RESOURCE_EXHAUSTED.
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 20, le=(1 << 31) - 1)
 
 
 class AuthEntry(_Strict):
