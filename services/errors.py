@@ -40,7 +40,8 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception to (status code, details). Details name the request field when known."""
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     original = unwrap(exc)
     if isinstance(original, SaeRuntimeError):
@@ -50,6 +51,9 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {original.message}"
     if isinstance(original, DeploymentUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, original.message
+    if isinstance(original, (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)):
+        # The replica running the request died (crash, OOM kill, node loss); Serve replaces it.
+        return grpc.StatusCode.UNAVAILABLE, f"the model replica became unavailable ({type(original).__name__}); retry"
     if isinstance(original, (TimeoutError, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish in time"
     if isinstance(original, asyncio.CancelledError):
