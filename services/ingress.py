@@ -142,12 +142,20 @@ class SteeringIngress:
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
         async def call(_handle: DeploymentHandle, _started: float) -> pb.ListModelsResponse:
             missing = [name for name in self._models if name not in self._model_infos]
-            infos = await asyncio.gather(*(self._models[name].model_info.remote() for name in missing))
-            self._model_infos.update(zip(missing, infos))
-            return pb.ListModelsResponse(models=[self._model_infos[name] for name in self._models])
+            infos = await asyncio.gather(*(self._model_info(name) for name in missing))
+            self._model_infos.update((name, info) for name, info in zip(missing, infos) if info is not None)
+            return pb.ListModelsResponse(models=[self._model_infos[name] for name in self._models if name in self._model_infos])
 
         first = next(iter(self._models))
         return await self._unary("ListModels", first, grpc_context, pb.ListModelsResponse, call)
+
+    async def _model_info(self, name: str) -> pb.ModelInfo | None:
+        """The model's info, or None when its deployment does not answer in time (failed to start,
+        or restarting): ListModels then leaves it out instead of failing for every model."""
+        try:
+            return await asyncio.wait_for(self._models[name].model_info.remote(), HEALTH_PROBE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - an unavailable model is left out; health reports it NOT_SERVING
+            return None
 
     # -- grpc.health.v1.Health -------------------------------------------------------------------
     async def _probe(self, models: list[str]) -> int:
