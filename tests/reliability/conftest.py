@@ -31,10 +31,14 @@ def _stop_service() -> None:
         _stoppers.pop()()
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the last test of this directory, stop Ray before another directory starts its own."""
+    """After the last test of this directory (and its module fixtures' teardown), stop Ray before
+    another directory starts its own."""
+    result = yield
     if nextitem is None or HERE not in Path(str(nextitem.path)).resolve().parents:
         _stop_service()
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +61,7 @@ def service(artifacts) -> Service:
     grpc_port, metrics_port = free_port(), free_port()
     config_path = artifacts / "service.yaml"
     config_path.write_text(yaml.safe_dump(service_config(grpc_port)))
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              configure_logging=False)
 
     def stop() -> None:
