@@ -11,7 +11,6 @@ import random
 import time
 
 import grpc
-import pytest
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc
 
