@@ -120,13 +120,15 @@ def rss_bytes(pid: int) -> int:
 # -- logs --------------------------------------------------------------------------------------------
 #: Exceptions that reach the Serve logs as "Request failed" tracebacks but ARE handled: the ingress
 #: turns them into their documented status (typed sae_runtime/services errors; Ray's wrapper of a
-#: status the ingress set; the stream-ending marker; cancellation of a request past its deadline).
+#: status the ingress set; the stream-ending marker), or the client went away (cancellation of a
+#: request past its deadline; GeneratorExit when the proxy's stream generator is closed under a
+#: cancelled stream, which Ray's proxy logs as "unexpected").
 HANDLED = re.compile(
     r"^(sae_runtime\.errors\.(NotFound|InvalidArgument|TooLarge|DeadlineExceeded|FormatError)"
     r"|services\.errors\.(Unauthenticated|Unavailable)"
     r"|services\.ingress\._StreamFailed"
     r"|ray\.serve\.exceptions\.(gRPCStatusError|RequestCancelledError)"
-    r"|asyncio\.exceptions\.CancelledError|concurrent\.futures\._base\.CancelledError)(:|$)"
+    r"|asyncio\.exceptions\.CancelledError|concurrent\.futures\._base\.CancelledError|GeneratorExit)(:|$)"
 )
 _TIMESTAMP = re.compile(r"^(INFO|ERROR|WARNING|DEBUG|CRITICAL) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
