@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STUBS := gen/steering/v1/steering_pb2_grpc.py
-SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: serve test venv stubs demo-models eval-demo bench clean
 
@@ -17,7 +16,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	# Make the repo and the generated stubs importable from every process (Ray workers included).
-	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$(SITE)/sae_steering.pth"
+	$(PY) -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/sae_steering.pth", "w").write("\n".join(sys.argv[1:]) + "\n")' "$(CURDIR)" "$(CURDIR)/gen"
 	touch $@
 
 stubs: $(STUBS)
