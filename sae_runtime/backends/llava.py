@@ -124,6 +124,7 @@ class LlavaBackend(CausalLmBackend):
                 self._decode(request.image, f"{p}image")
             elif not request.text:
                 raise InvalidArgument("give text, an image or both", field=f"{p}text")
+            self._check_image_tokens([request.text], request.image is not None, p, text_field="text")
             return request
         if not isinstance(request, TextRequest):
             raise InvalidArgument(f"llava generates text, got a {type(request).__name__}", field=p.rstrip(".") or None)
@@ -141,19 +142,23 @@ class LlavaBackend(CausalLmBackend):
             checked = replace(checked, prompt=request.prompt, messages=request.messages)
         else:
             checked = check_text_request(self, replace(request, image=None), p)
-        texts = [request.prompt] + [m.content for m in request.messages]
+        self._check_image_tokens([request.prompt] + [m.content for m in request.messages], request.image is not None, p)
         if request.image is None:
-            if any(self.image_token in t for t in texts):
-                raise InvalidArgument(f"the prompt has an image token {self.image_token!r} but no image was given", field=f"{p}image")
             return checked
         self._decode(request.image, f"{p}image")
-        if sum(t.count(self.image_token) for t in texts) > 1:
-            raise InvalidArgument(f"one image per request: the prompt has several {self.image_token!r} tokens", field=f"{p}prompt")
         ids, _ = self.prompt_inputs(replace(checked, image=request.image), f"{p}image")
         if self.max_positions is not None and len(ids) + checked.sampling.max_new_tokens > self.max_positions:
             raise TooLarge(f"{len(ids)} prompt tokens (image included) + {checked.sampling.max_new_tokens} new tokens exceed "
                            f"the model's {self.max_positions} positions", field=f"{p}sampling.max_new_tokens")
         return replace(checked, image=request.image)
+
+    def _check_image_tokens(self, texts: list[str], has_image: bool, p: str, text_field: str = "prompt") -> None:
+        """One image per request: the text may hold at most one image token, and only with an image."""
+        n = sum(t.count(self.image_token) for t in texts)
+        if n and not has_image:
+            raise InvalidArgument(f"the {text_field} has an image token {self.image_token!r} but no image was given", field=f"{p}image")
+        if n > 1:
+            raise InvalidArgument(f"one image per request: the {text_field} has several {self.image_token!r} tokens", field=f"{p}{text_field}")
 
     def _decode(self, data: bytes, field: str):
         return decode_image(data, field=field, max_bytes=self.limits.max_image_bytes, max_side=self.limits.max_image_side)

@@ -223,6 +223,16 @@ def test_image_errors_name_the_field(backend):
     with pytest.raises(InvalidArgument) as e:
         backend.validate(EncodeRequest(text="x", image=b"junk"))
     assert e.value.field == "image"
+    # Encode checks image tokens as generation does (found by fuzzing: a second <image> crashed the processor).
+    with pytest.raises(InvalidArgument) as e:
+        backend.validate(EncodeRequest(text="<image> what <image>", image=png(0)))
+    assert e.value.field == "text"
+    with pytest.raises(InvalidArgument) as e:
+        backend.encode(EncodeRequest(text="<image> what"))
+    assert e.value.field == "image"
+    with pytest.raises(InvalidArgument) as e:
+        backend.validate(TextRequest(prompt="<image> a <image>", image=png(0)))
+    assert e.value.field == "prompt"
 
 
 def test_info_lists_vision_and_text_saes(backend):
