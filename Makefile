@@ -26,8 +26,14 @@ $(STUBS): protos/steering/v1/*.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen protos/steering/v1/*.proto
 	touch gen/steering/__init__.py gen/steering/v1/__init__.py
 
-serve: $(STAMP) $(STUBS)
+DEMO_LM := models/demo-lm/model/config.json
+
+serve: $(STAMP) $(STUBS) $(DEMO_LM)
 	$(PY) -m services.app
+
+# The demo models are committed; this rebuilds them from the seed only when they are missing.
+$(DEMO_LM):
+	$(MAKE) demo-models
 
 test: $(STAMP) $(STUBS)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest
