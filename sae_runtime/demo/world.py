@@ -104,11 +104,11 @@ class TaggedText:
     """A text with per-word concept tags, for feature labelling.
 
     ``token_tags[i]`` are the tags of word ``i``: its own concept for animals, places, moods and
-    actions (``animal:fox``); colours are tagged where the text *determines* the next word's
-    colour, i.e. in a colour-themed story, after the theme's first mention, on each word followed
-    by a colour slot (``color:red`` on ``the`` in ``... the red fox ... the | red bird``). That is
-    where a model that follows the story must carry "say red", the representation colour steering
-    clamps. ``tags`` is the set of all tags of the text.
+    actions (``animal:fox``). Colours are tagged where the model is about to say one: on a word
+    followed by a colour slot, ``color:<the last colour named so far>`` (``color:red`` on the
+    second ``the`` of ``the red fox runs . the red bird``). In a colour-themed story that colour
+    is always the next word, and a model that follows stories must carry "say red" there: that
+    is the representation colour steering clamps. ``tags`` is the set of all tags of the text.
     """
 
     text: str
@@ -163,16 +163,20 @@ def story(rng: random.Random) -> TaggedText:
 
 
 def tag_text(text: str, theme: str | None = None) -> TaggedText:
-    """Tag the words of a text with concepts (see :class:`TaggedText` for the rules)."""
+    """Tag the words of a text with concepts (see :class:`TaggedText` for the rules).
+
+    ``theme`` is accepted for callers that know it; the tags depend on the words alone.
+    """
     words = tuple(text.split())
     per_word = []
-    theme_seen = False
+    last_colour: str | None = None
     for i, w in enumerate(words):
         fam = _WORD_FAMILY.get(w)
         tags = [f"{fam}:{w}"] if fam is not None and fam != "color" else []
-        theme_seen = theme_seen or w == theme
-        if theme is not None and theme_seen and i + 1 < len(words) and _WORD_FAMILY.get(words[i + 1]) == "color":
-            tags.append(f"color:{theme}")
+        if fam == "color":
+            last_colour = w
+        if last_colour is not None and i + 1 < len(words) and _WORD_FAMILY.get(words[i + 1]) == "color":
+            tags.append(f"color:{last_colour}")
         per_word.append(tuple(tags))
     return TaggedText(text, words, tuple(per_word), frozenset(t for ts in per_word for t in ts))
 
@@ -328,7 +332,12 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(" ".join(parts))
 
 
-_SENTENCE_PATTERNS = [_template_regex(t) for t in STORY_TEMPLATES]
+_QA_PATTERN = re.compile(
+    "question : (?:"
+    + "|".join(_template_regex(q.replace("{animal}", "{animal}")).pattern for q in QUESTIONS.values())
+    + ") answer : (?:" + "|".join(sorted(_ATTRIBUTE_WORDS)) + f"|{UNKNOWN}) ."
+)
+_SENTENCE_PATTERNS = [_template_regex(t) for t in STORY_TEMPLATES] + [_QA_PATTERN]
 
 
 def sentences(text: str) -> list[str]:
@@ -343,7 +352,8 @@ def sentences(text: str) -> list[str]:
 
 
 def is_well_formed(sentence: str) -> bool:
-    """True when a sentence matches one of the story templates exactly."""
+    """True when a sentence matches a story template, or is a question with its one-word answer
+    (``question : what colour is the fox ? answer : red .``), exactly."""
     return any(p.fullmatch(sentence.strip()) for p in _SENTENCE_PATTERNS)
 
 
