@@ -55,7 +55,7 @@ class BuildConfig:
     sae_lr: float = 2e-3
     sae_texts: int = 6000  # stories + fact documents for the activation store
     label_texts: int = 2000  # tagged stories for labelling
-    probe_items: int = 1800  # fact prompts (all uncertainty levels) for the probe
+    probe_items: int = 3600  # fact prompts (all uncertainty levels) for the probe
     threads: int = 2
 
     def quick(self) -> "BuildConfig":

@@ -40,9 +40,12 @@ from sae_runtime.demo import world
 from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME, first_sentence_completion
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
 
-#: Clamp value of the steering test: about twice the colour latents' largest activations on stories.
-STEER_VALUE = 70.0
-STEER_TEMPERATURE = 1.0
+#: Clamp value of the steering test (the colour latents reach about 10-60 on stories).
+STEER_VALUE = 60.0
+#: The headline figures decode greedily (like fact_accuracy); ``steer_sampled`` repeats the test
+#: sampling at temperature 1 (seed i for prompt i, steered and base alike).
+STEER_TEMPERATURE = 0.0
+SAMPLED_TEMPERATURE = 1.0
 MITIGATE_TOP_N = 10
 EVAL_SEED = 1000  # disjoint from the build's seeds (seed + 0..40)
 
@@ -99,7 +102,9 @@ def steering_eval(
 ) -> dict[str, Any]:
     """Per-colour shares with the ``color:<c>`` latent clamped to ``value``, and without edits.
 
-    Continuations are sampled at ``temperature`` with seed i for prompt i, steered and base alike.
+    Continuations are decoded at ``temperature`` (0 = greedy) with seed i for prompt i, steered and
+    base alike. ``base_share`` averages each colour's base share over the colours, so it is 1/6
+    by construction; ``steer_per_colour`` has each colour's own base share.
     """
     prompts = story_prompts(n_prompts, EVAL_SEED + 1)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -198,6 +203,10 @@ def evaluate(models: str | Path, steer_value: float = STEER_VALUE, steer_tempera
     report: dict[str, Any] = {}
     report.update(fact_eval(backend))
     report.update(steering_eval(backend, value=steer_value, temperature=steer_temperature))
+    sampled = steering_eval(backend, value=steer_value, temperature=SAMPLED_TEMPERATURE)
+    report["steer_sampled"] = {k: sampled[k] for k in ("steer_share", "base_share", "steer_well_formed", "steer_temperature")} | {
+        "per_colour_share": {c: v["share"] for c, v in sampled["steer_per_colour"].items()}
+    }
     report.update(sae_eval(backend))
     report["build_seconds"] = manifest.get("build_seconds")
     report["seed"] = manifest.get("seed")
@@ -223,6 +232,9 @@ def summary(report: dict[str, Any]) -> str:
         ("base_share", report["base_share"], ""),
         ("steer_well_formed (steered)", report["steer_well_formed"]["steered"], ""),
         ("steer_well_formed (base)", report["steer_well_formed"]["base"], ""),
+        ("steer_share, sampled T=1", report["steer_sampled"]["steer_share"], ""),
+        ("steer_well_formed, sampled (steered)", report["steer_sampled"]["steer_well_formed"]["steered"], ""),
+        ("steer_well_formed, sampled (base)", report["steer_sampled"]["steer_well_formed"]["base"], ""),
         ("risk_auroc (prompt head)", report["risk_auroc"], ">= 0.85"),
         ("risk_auroc_final", report["risk_auroc_final"], ""),
         ("halluc_rate", report["halluc_rate"], ""),
@@ -232,10 +244,10 @@ def summary(report: dict[str, Any]) -> str:
         ("sae_loss_recovered", report["sae_loss_recovered"], ""),
         ("build_seconds", report["build_seconds"], "< 600"),
     ]
-    lines = [f"{'metric':<34} {'value':>10}  target"]
+    lines = [f"{'metric':<38} {'value':>10}  target"]
     for name, value, target in rows:
         shown = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-        lines.append(f"{name:<34} {shown:>10}  {target}")
+        lines.append(f"{name:<38} {shown:>10}  {target}")
     lines.append("hallucination rate by uncertainty level (base -> mitigated, mean prompt risk):")
     for level, d in report["by_uncertainty"].items():
         lines.append(f"  {level:<12} n={d['n']:<4} {d['halluc_rate']:.2f} -> {d['halluc_rate_mitigated']:.2f}  risk {d['mean_risk']:.2f}")
