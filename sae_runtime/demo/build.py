@@ -60,7 +60,7 @@ class BuildConfig:
 
     def quick(self) -> "BuildConfig":
         """A tiny build for smoke tests (seconds, not minutes; quality not checked)."""
-        lm = replace(self.lm, max_steps=30, min_steps=0, eval_every=30, eval_items=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2)
+        lm = replace(self.lm, max_steps=100, min_steps=0, eval_every=100, eval_items=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2)
         return replace(self, lm=lm, d_sae=64, k=4, sae_steps=30, sae_batch_size=256, sae_texts=120, label_texts=60, probe_items=96)
 
 
@@ -190,6 +190,11 @@ def build(
     layout = layout_of({SAE_NAME: sae})
     features = layout.build(pooled, "final")
     y = torch.tensor(labels)
+    if y.min() == y.max():
+        raise RuntimeError(
+            f"all {len(items)} probe answers were labelled {'hallucinated' if y[0] else 'not hallucinated'}: "
+            "the probe needs both; train the LM longer or use more probe items"
+        )
     train_idx, val_idx = stratified_split(y, 0.25, cfg.seed)
     l1, grid = select_l1(features[train_idx], y[train_idx], layout, seed=cfg.seed)
     probe = RiskProbe.fit(features[train_idx], y[train_idx], layout, l1=l1, latent_labels={SAE_NAME: dict(sae.labels)})

@@ -20,7 +20,8 @@ copying its value. Variants control the input uncertainty:
 
 - ``intact``   the queried fact is stated plainly;
 - ``shuffled`` the words inside each fact sentence are permuted (the fact survives as a bag);
-- ``noise``    each context word except ``.`` is replaced by a random world word with probability
+- ``noise``    each context word except ``.`` is replaced by a random context word (never ``.`` or
+  a question word, :data:`QA_WORDS`) with probability
   ``noise`` (which can erase the fact or slip in other attributes);
 - ``absent``   the queried fact is removed (other facts stay; the context may end up empty).
 
@@ -74,6 +75,10 @@ FUNCTION_WORDS: tuple[str, ...] = (
     "colour", "where", "does", "live", "how", "feel", "?", "answer", UNKNOWN,
 )  # fmt: skip
 VARIANTS: tuple[str, ...] = ("intact", "shuffled", "noise", "absent")
+#: Words of the question scaffold; noise never draws them, so a noisy context cannot fake a question.
+QA_WORDS: frozenset[str] = frozenset(
+    {"question", ":", "what", "colour", "where", "does", "live", "how", "feel", "?", "answer", UNKNOWN}
+)
 
 _WORD_FAMILY = {w: fam for fam, words in FAMILIES.items() for w in words}
 _ATTRIBUTE_WORDS = {w for fam in FACT_FAMILIES for w in FAMILIES[fam]}
@@ -234,7 +239,7 @@ def fact_item(rng: random.Random, variant: str, noise: float = 0.0) -> FactItem:
             s[:-1] = body
     words = [w for s in sentences for w in s]
     if variant == "noise":
-        vocab = [w for w in vocabulary() if w not in (".", UNKNOWN)]
+        vocab = [w for w in vocabulary() if w != "." and w not in QA_WORDS]
         words = [rng.choice(vocab) if w != "." and rng.random() < noise else w for w in words]
     return FactItem(
         prompt=fact_prompt(words, animal, fam),
