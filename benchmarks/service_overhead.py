@@ -14,9 +14,9 @@ times one after the other down each path, in alternating blocks:
 Two calls with no model compute show where the time goes: ListModels (proxy -> ingress, answered
 from the ingress' cache) and SearchFeatures (proxy -> ingress -> model deployment, a label scan).
 
-A lone request waits ``batching.batch_wait_timeout_s`` (10 ms in configs/demo.yaml) for company
-before its batch runs: a configured latency/throughput trade, not transport overhead. So the
-model is served twice, as configured and with that wait at 0, and both are printed; the last
+A lone request on an idle replica waits ``batching.batch_wait_timeout_s`` for company (0 in
+configs/demo.yaml): a configured latency/throughput trade, not transport overhead. Where the
+config sets a wait, the model is also served with the wait at 0 and both are printed; the last
 line is ``ratio <p50 grpc (wait 0) / p50 in-process>``.
 """
 
@@ -68,10 +68,12 @@ def main() -> None:
             (result,) = backend.generate([request])
             convert.text_result_to_proto(result, timings=convert.pb.Timings(), versions=convert.pb.Versions(), steered=True)
 
-        with serving(setup, nowait) as target, SteeringClient(target, timeout=60) as client:
-            paths = {
-                f"grpc (batch wait {wait_s * 1e3:.0f} ms)": lambda: client.generate_request(message(setup.model)),
-                "grpc (batch wait 0)": lambda: client.generate_request(message(nowait["name"])),
+        extra = (nowait,) if wait_s > 0 else ()
+        with serving(setup, *extra) as target, SteeringClient(target, timeout=60) as client:
+            paths = {"grpc (batch wait 0)": lambda: client.generate_request(message(nowait["name"] if extra else setup.model))}
+            if extra:
+                paths[f"grpc (batch wait {wait_s * 1e3:.0f} ms)"] = lambda: client.generate_request(message(setup.model))
+            paths |= {
                 "in-process": in_process,
                 "ListModels (hops: proxy, ingress)": client.list_models,
                 "SearchFeatures (+ model hop)": lambda: client.search_features(setup.model, "", limit=1),

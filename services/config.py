@@ -18,7 +18,7 @@ Example (configs/demo.yaml)::
         saes:
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
         risk_probe: ../models/demo-lm/risk
-        batching: {max_batch_size: 8, batch_wait_timeout_s: 0.01}
+        batching: {max_batch_size: 8, batch_wait_timeout_s: 0.0}
         resources: {num_cpus: 1}
 """
 
@@ -104,10 +104,12 @@ class LimitsEntry(_Strict):
 
 
 class BatchingEntry(_Strict):
-    """@serve.batch settings: up to ``max_batch_size`` requests that arrive within the wait share a pass."""
+    """Batching per replica (services/batching.py): requests queued while the replica is busy, up to
+    ``max_batch_size``, share the next pass; a batch that is not full waits up to
+    ``batch_wait_timeout_s`` for company once the replica is free."""
 
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
 
 
 class ResourcesEntry(_Strict):

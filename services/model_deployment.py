@@ -2,8 +2,9 @@
 
 Every request is converted and validated on its own (``Backend.validate``) before it joins a
 batch, so a bad request fails alone with a status naming its field and never reaches the batch.
-Concurrent valid requests are grouped by ``@serve.batch`` into ONE ``backend.generate`` call with
-per-row plans. Should a batched call still fail, each request of that batch is retried alone, so
+Concurrent valid requests are grouped by a :class:`ReplicaBatcher` into ONE ``backend.generate``
+call with per-row plans; a batch forms when the replica is free (see services/batching.py for why
+not ``@serve.batch``). Should a batched call still fail, each request of that batch is retried alone, so
 only the culprit sees the error.
 
 The backend is not re-entrant (hooks live on shared modules), so every backend call holds one
@@ -27,6 +28,7 @@ from sae_runtime.backends import types as rt
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.errors import InvalidArgument, SaeRuntimeError
 from services import convert
+from services.batching import ReplicaBatcher
 from services.backend_factory import build_backend, demo_spec
 from services.metrics import model_metrics
 
@@ -130,9 +132,13 @@ class ModelServer:
         self.sae_names = tuple(s.name for s in self.info.saes)
         self.versions = self._versions()
         self._lock = asyncio.Lock()
-        for batched in (self._text_batch, self._image_batch):
-            batched.set_max_batch_size(int(batching["max_batch_size"]))
-            batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+        size, wait = int(batching["max_batch_size"]), float(batching["batch_wait_timeout_s"])
+        self._text_batches: ReplicaBatcher[_Job, _Outcome] = ReplicaBatcher(
+            lambda jobs: self._run_batch("generate", self.backend.generate, jobs), size, wait
+        )
+        self._image_batches: ReplicaBatcher[_Job, _Outcome] = ReplicaBatcher(
+            lambda jobs: self._run_batch("generate_image", self.backend.generate_images, jobs), size, wait
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
     def _versions(self) -> pb.Versions:
@@ -189,21 +195,12 @@ class ModelServer:
         self.metrics.batch_size.observe(len(jobs), tags={"model": self.spec.name, "method": method})
         return [_Outcome(v, started, finished, len(jobs)) for v in values]
 
-    # -- batched methods (sizes set per model in __init__) ---------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _text_batch(self, jobs: list[_Job]) -> list[_Outcome]:
-        return await self._run_batch("generate", self.backend.generate, jobs)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _image_batch(self, jobs: list[_Job]) -> list[_Outcome]:
-        return await self._run_batch("generate_image", self.backend.generate_images, jobs)
-
     # -- API -------------------------------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
         multimodal = isinstance(request, pb.GenerateMultimodalRequest)
         self._require_kind(MULTIMODAL_KINDS if multimodal else TEXT_KINDS, "GenerateMultimodal" if multimodal else "Generate")
         text_request = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
-        outcome = await self._text_batch(_Job(text_request, received_at))
+        outcome = await self._text_batches.submit(_Job(text_request, received_at))
         result: rt.TextResult = outcome.result()
         timings = self._timings(outcome, received_at)
         steered = convert.is_steered(text_request)
@@ -247,7 +244,7 @@ class ModelServer:
     async def generate_image(self, request: pb.GenerateImageRequest, received_at: float) -> pb.GenerateImageResponse:
         self._require_kind(IMAGE_KINDS, "GenerateImage")
         image_request = self._validated(convert.image_request_from_proto(request, self.sae_names))
-        outcome = await self._image_batch(_Job(image_request, received_at))
+        outcome = await self._image_batches.submit(_Job(image_request, received_at))
         result: rt.ImageResult = outcome.result()
         timings = self._timings(outcome, received_at)
         steered = convert.is_steered(image_request)

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DEMO_MODEL = "demo-lm"
 STANDIN_SITE = "blocks.2.hook_resid_post"
-PROMPTS = ("the", "a red cat", "the dog is", "my favourite colour is", "once upon a time", "the sea is")
+PROMPTS = ("the", "a red fox", "the dog is", "the cat lives in the", "the owl feels", "the blue bird sees a")  # concept-world words
 
 
 def free_port() -> int:
