@@ -30,6 +30,8 @@ from services.metrics import ingress_metrics
 #: Health service names this ingress answers for ("" = the whole server).
 STEERING_SERVICE = "steering.v1.Steering"
 HEALTH_PROBE_TIMEOUT_S = 5.0
+#: How often a Health/Watch stream re-probes the models, in seconds.
+WATCH_INTERVAL_S = 2.0
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -188,12 +190,15 @@ class SteeringIngress:
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """Sends the current status once and ends the stream (clients re-watch to poll)."""
+        """The current status, then each change (probed every ``WATCH_INTERVAL_S``), as the health
+        protocol asks; an unknown service gets SERVICE_UNKNOWN. The stream runs until the client
+        leaves or the proxy's ``request_timeout_s`` ends it (clients then watch again)."""
         models = self._models_of_service(request.service)
         if models is None:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        yield health_pb2.HealthCheckResponse(status=await self._probe(models))
+        async for status in status_changes(lambda: self._probe(models), WATCH_INTERVAL_S):
+            yield health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: health_pb2.HealthListRequest, grpc_context: RayServegRPCContext) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
@@ -207,6 +212,17 @@ class SteeringIngress:
     # -- HTTP: a pointer, since the API is gRPC ----------------------------------------------------
     async def __call__(self, _request: Any) -> str:
         return "This is the SAE steering service; its API is gRPC (steering.v1.Steering), see the README.\n"
+
+
+async def status_changes(probe: Callable[[], Awaitable[int]], interval_s: float) -> AsyncIterator[int]:
+    """``probe()``'s first result, then every result that differs from the last one sent."""
+    last = None
+    while True:
+        status = await probe()
+        if status != last:
+            yield status
+            last = status
+        await asyncio.sleep(interval_s)
 
 
 class _StreamFailed(Exception):

@@ -65,8 +65,14 @@ def test_health_check_list_and_watch(service, client):
         statuses = stub.List(health_pb2.HealthListRequest(), timeout=30).statuses
         assert set(statuses) == {"", "steering.v1.Steering", LM, VLM, IMAGE}
         assert {s.status for s in statuses.values()} == {health_pb2.HealthCheckResponse.SERVING}
-        (first,) = list(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
-        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()  # the stream stays open for changes until the client leaves
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        assert ended.value.code() == grpc.StatusCode.CANCELLED
+        (unknown,) = list(stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30))
+        assert unknown.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 def test_server_reflection_describes_the_api(service):

@@ -19,7 +19,7 @@ from sae_runtime.errors import DeadlineExceeded, FormatError, InvalidArgument, N
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, TokenScope, VisionScope
 from services import convert
 from services.errors import Unauthenticated, grpc_status
-from services.ingress import SteeringIngress, _resolve_token
+from services.ingress import SteeringIngress, _resolve_token, status_changes
 from services.model_deployment import fingerprint, in_thread, run_isolated
 
 
@@ -244,3 +244,23 @@ def test_bearer_token_check(monkeypatch):
     monkeypatch.delenv("STEERING_TEST_TOKEN")
     with pytest.raises(RuntimeError, match="STEERING_TEST_TOKEN"):
         _resolve_token({"bearer_token_env": "STEERING_TEST_TOKEN"})
+
+
+def test_health_watch_sends_the_first_status_then_only_changes():
+    script = iter([1, 1, 2, 2, 2, 1, 3])
+    probed: list[int] = []
+
+    async def probe() -> int:
+        probed.append(next(script))
+        return probed[-1]
+
+    async def main() -> list[int]:
+        sent = []
+        async for status in status_changes(probe, 0.0):
+            sent.append(status)
+            if len(sent) == 4:
+                return sent
+        return sent
+
+    assert asyncio.run(main()) == [1, 2, 1, 3]
+    assert probed == [1, 1, 2, 2, 2, 1, 3]
