@@ -277,23 +277,35 @@ class RiskProbe:
         Contributions are sorted by |value|, the ``top_n`` largest kept (None: every latent with a
         nonzero contribution).
         """
-        feats = self.layout.build(pooled, head)
-        if feats.dim() != 1:
-            raise InvalidArgument("score takes one sequence; use predict_proba for batches", field="pooled")
+        return self.score_many([pooled], head, top_n)[0]
+
+    def score_many(self, pooled: Sequence[Mapping[str, PooledStats]], head: str = "final", top_n: int | None = 10) -> list[RiskScore]:
+        """:meth:`score` for several sequences in one vectorised pass (a batch's rows)."""
+        if not pooled:
+            return []
+        rows = [self.layout.build(p, head) for p in pooled]
+        if any(f.dim() != 1 for f in rows):
+            raise InvalidArgument("score takes one sequence per entry; use predict_proba for batches", field="pooled")
         coef, b, _, _ = self._head(head)
-        per_feature = coef * self.standardise(feats, head)
-        per_latent = per_feature.reshape(-1, self.layout.n_latents).double().sum(0)
-        logit = b + float(per_latent.sum())
-        nz = torch.nonzero(per_latent).flatten()
-        order = nz[torch.argsort(per_latent[nz].abs(), descending=True, stable=True)]
+        per_feature = coef * self.standardise(torch.stack(rows), head)  # (N, n_features)
+        per_latent = per_feature.reshape(len(rows), -1, self.layout.n_latents).double().sum(1)  # (N, D)
+        logits = b + per_latent.sum(1)
+        # Stable sort by |contribution|, largest first: zeros sort last, ties keep latent order.
+        order = torch.argsort(per_latent.abs(), dim=1, descending=True, stable=True)
         if top_n is not None:
-            order = order[:top_n]
-        contribs = []
-        for j in order.tolist():
-            sae, latent = self.layout.latent_owner(j)
-            label = label_of(self.latent_labels.get(sae, {}), latent)
-            contribs.append(RiskContribution(sae=sae, latent=latent, label=label, contribution=float(per_latent[j])))
-        return RiskScore(probability=1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0, contributions=tuple(contribs))
+            order = order[:, :top_n]
+        scores = []
+        for r in range(len(rows)):
+            contribs = []
+            for j in order[r].tolist():
+                value = float(per_latent[r, j])
+                if value == 0.0:
+                    break
+                sae, latent = self.layout.latent_owner(j)
+                contribs.append(RiskContribution(sae=sae, latent=latent, label=label_of(self.latent_labels.get(sae, {}), latent), contribution=value))
+            logit = float(logits[r])
+            scores.append(RiskScore(probability=1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0, contributions=tuple(contribs)))
+        return scores
 
     def score_prompt(self, pooled: Mapping[str, PooledStats], top_n: int | None = 10) -> RiskScore:
         """Score from the prompt pools alone (before generation, and the running score)."""

@@ -314,11 +314,15 @@ class _BatchRun:
             for j, r in enumerate(records[start:upto])
         ]
 
-    def _risk(self, row: int, final: bool) -> Any:
+    def _risks(self, rows: Sequence[int], final: bool) -> list[Any]:
+        """Risk scores of plan ``rows`` (the final head, or the prompt head), one vectorised pass."""
         b = self.backend
         d_sae = {n: b.saes[n].d_sae for n in self.probe_saes}
-        pools = risk_pools(self.readouts()[row], self.probe_saes, d_sae, with_generated=final)
-        return b.risk_probe.score_final(pools) if final else b.risk_probe.score_prompt(pools)
+        pools = [risk_pools(self.readouts()[row], self.probe_saes, d_sae, with_generated=final) for row in rows]
+        return b.risk_probe.score_many(pools, "final" if final else "prompt")
+
+    def _risk(self, row: int, final: bool) -> Any:
+        return self._risks([row], final)[0]
 
     def running_risk(self, row: int) -> float:
         """The final head's probability on the prompt and the tokens generated so far."""
@@ -328,8 +332,12 @@ class _BatchRun:
     def results(self, state: LoopState) -> list[TextResult]:
         compute_ms = (time.perf_counter() - self.started) * 1000.0
         out: list[TextResult] = []
+        steered_rows = [next(j for j, r in enumerate(self.rows) if r.request == i and not r.default) for i in range(len(self.requests))]
+        has_probe = self.backend.risk_probe is not None
+        risk_prompt = self._risks(steered_rows, final=False) if has_probe else [None] * len(steered_rows)
+        risk_final = self._risks(steered_rows, final=True) if has_probe else [None] * len(steered_rows)
         for i, req in enumerate(self.requests):
-            steered = next(j for j, r in enumerate(self.rows) if r.request == i and not r.default)
+            steered = steered_rows[i]
             default = next((j for j, r in enumerate(self.rows) if r.request == i and r.default), None)
             prompt_latents: tuple = ()
             pooled: tuple = ()
@@ -337,14 +345,13 @@ class _BatchRun:
                 readout = self.readouts()[steered]
                 prompt_latents = tuple(position_latents(readout, "prefill", req.readout.saes, req.readout.top_k, self.backend.labels))
                 pooled = pooled_latents(readout, req.readout.saes, req.readout.top_k, self.backend.labels)
-            has_probe = self.backend.risk_probe is not None
             out.append(TextResult(
                 steered=self._completion(state, steered),
                 default=None if default is None else self._completion(state, default),
                 prompt_latents=prompt_latents,
                 pooled=pooled,
-                risk_prompt=self._risk(steered, final=False) if has_probe else None,
-                risk_final=self._risk(steered, final=True) if has_probe else None,
+                risk_prompt=risk_prompt[i],
+                risk_final=risk_final[i],
                 timings=Timings(compute_ms=compute_ms),
             ))
         return out

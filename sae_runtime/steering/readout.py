@@ -134,24 +134,37 @@ class ReadoutAccumulator:
         w = valid.unsqueeze(-1)
         return (f * w).sum(1), f.masked_fill(~w, float("-inf")).amax(1)
 
+    def _merged_chunks(self) -> list[_Chunk]:
+        """The chunks on the CPU, runs of consecutive chunks over the same rows concatenated along
+        positions (a decode phase is one chunk per token): finish then slices each row once per run."""
+        runs: list[list[_Chunk]] = []
+        for c in self.chunks:
+            if runs and runs[-1][0].rows == c.rows:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        merged = []
+        for run in runs:
+            cat = lambda name: torch.cat([getattr(c, name) for c in run], dim=1).cpu()  # noqa: E731
+            valid = None
+            if any(c.valid is not None for c in run):
+                valid = torch.cat([torch.ones(c.before_idx.shape[:2], dtype=torch.bool, device=c.before_idx.device) if c.valid is None else c.valid
+                                   for c in run], dim=1).cpu()  # fmt: skip
+            merged.append(_Chunk(run[0].rows, valid, cat("before_idx"), cat("before_val"), cat("after_idx"), cat("after_val")))
+        return merged
+
     def finish(self) -> list[PhaseReadout | None]:
         """Per plan row: its PhaseReadout on the CPU (None for a row this phase never saw)."""
         count = self.count.cpu()
         cpu = [t.cpu() for t in (self.sum_before, self.max_before, self.sum_after, self.max_after)]
-        chunks = [
-            _Chunk(c.rows, None if c.valid is None else c.valid.cpu(), c.before_idx.cpu(), c.before_val.cpu(),
-                   c.after_idx.cpu(), c.after_val.cpu())
-            for c in self.chunks
-        ]
+        parts_of: list[list[tuple[Tensor, ...]]] = [[] for _ in range(self.n_rows)]  # in forward order
+        for c in self._merged_chunks():
+            for j, row in enumerate(c.rows):
+                keep = slice(None) if c.valid is None else c.valid[j]
+                parts_of[row].append((c.before_idx[j][keep], c.before_val[j][keep], c.after_idx[j][keep], c.after_val[j][keep]))
         out: list[PhaseReadout | None] = []
         for r in range(self.n_rows):
-            parts: list[tuple[Tensor, ...]] = []
-            for c in chunks:
-                for j, row in enumerate(c.rows):
-                    if row != r:
-                        continue
-                    keep = slice(None) if c.valid is None else c.valid[j]
-                    parts.append((c.before_idx[j][keep], c.before_val[j][keep], c.after_idx[j][keep], c.after_val[j][keep]))
+            parts = parts_of[r]
             if not parts:
                 out.append(None)
                 continue

@@ -122,6 +122,24 @@ def test_contributions_sum_to_logit(dataset, probe):
     assert signal and signal[0].label == "concept:signal"
 
 
+def test_scoring_many_rows_at_once_matches_the_hand_logit_of_each(dataset, probe):
+    rows, _, _, _, test = dataset
+    idx = test[:25].tolist()
+    for head in ("prompt", "final"):
+        coef = probe.prompt_coef if head == "prompt" else probe.final_coef
+        b = probe.prompt_intercept if head == "prompt" else probe.final_intercept
+        n = coef.numel()
+        batch = probe.score_many([rows[i] for i in idx], head, top_n=None)
+        top3 = probe.score_many([rows[i] for i in idx], head, top_n=3)
+        for i, score, short in zip(idx, batch, top3):
+            z = (_hand_features(rows[i], head) - probe.feature_mean[:n]) / probe.feature_std[:n]
+            logit = float((z.double() * coef.double()).sum()) + b
+            assert b + sum(c.contribution for c in score.contributions) == pytest.approx(logit, abs=1e-5)
+            assert score.probability == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-6)
+            assert short.contributions == score.contributions[:3]
+    assert probe.score_many([], "final") == []
+
+
 def test_prompt_score_ignores_generated_pools(dataset, probe):
     rows, *_ = dataset
     r = rows[0]
