@@ -25,9 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support.serving import PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
+from _support.serving import DEMO_CONFIG, PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
 
 
 async def concurrent_aio(target: str, requests: list, concurrency: int) -> list:
@@ -63,7 +65,10 @@ def main() -> None:
     if args.torch_threads:
         overrides["resources"] = {"num_cpus": 0.5, "torch_threads": args.torch_threads}
     if args.batch_wait is not None:
-        overrides["batching"] = {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait}
+        demo = yaml.safe_load(DEMO_CONFIG.read_text())
+        batching = dict(next(m for m in demo["models"] if m["name"] == "demo-lm")["batching"])
+        batching["batch_wait_timeout_s"] = args.batch_wait
+        overrides["batching"] = batching
     with demo_lm_setup(**overrides) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
             (info,) = [m for m in client.list_models() if m.name == setup.model]

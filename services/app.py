@@ -67,10 +67,28 @@ def grpc_options(config: ServiceConfig) -> gRPCOptions:
     )
 
 
+def ray_env(config: ServiceConfig) -> dict[str, str]:
+    """Environment for the service's Ray processes (Ray reads both when a process starts):
+
+    - RAY_SERVE_USE_GRPC_BY_DEFAULT=1: proxy -> ingress -> model calls use Ray Serve's gRPC data
+      plane instead of Ray actor calls; on 2 cores about 25% more throughput at concurrency 16
+      and 3 ms less per request (see the README's performance table);
+    - RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: the proxy's message cap (Ray's default is 2 GiB).
+    """
+    return {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.grpc.max_message_bytes)}
+
+
+def export_ray_env(config: ServiceConfig) -> None:
+    """Put :func:`ray_env` into this process' environment (values already set win), so a Ray
+    cluster started from here (``ray.init``) passes it to every process."""
+    for key, value in ray_env(config).items():
+        os.environ.setdefault(key, value)
+
+
 def controller_options(config: ServiceConfig) -> dict[str, Any]:
-    """The Serve controller's env, inherited by the proxies it starts: the gRPC message size cap
-    (Ray reads RAY_SERVE_GRPC_MAX_MESSAGE_SIZE when the proxy starts; its default is 2 GiB)."""
-    return {"runtime_env": {"env_vars": {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.grpc.max_message_bytes)}}}
+    """The Serve controller's env, inherited by the proxies it starts (for a cluster that was
+    started elsewhere without :func:`ray_env`)."""
+    return {"runtime_env": {"env_vars": ray_env(config)}}
 
 
 def start(
@@ -83,6 +101,7 @@ def start(
     config = load_config(config_path)
     check_local_paths(config, Path(config_path).resolve().parent)
     if not ray.is_initialized():
+        export_ray_env(config)
         ray.init(**(ray_init_kwargs or {}))
     serve.start(
         grpc_options=grpc_options(config),

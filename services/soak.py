@@ -120,7 +120,7 @@ def start_service(config_path: Path) -> tuple[str, str]:
     import ray
     from ray import serve
 
-    from services.app import build_application, check_local_paths, controller_options, grpc_options
+    from services.app import build_application, check_local_paths, controller_options, export_ray_env, grpc_options
     from services.config import load_config
 
     config = load_config(config_path)
@@ -128,6 +128,7 @@ def start_service(config_path: Path) -> tuple[str, str]:
     check_local_paths(config, base_dir)
     config = config.model_copy(update={"grpc": config.grpc.model_copy(update={"port": free_port()})})
     metrics_port = free_port()
+    export_ray_env(config)
     ray.init(address="local", include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              configure_logging=False)
     serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": free_port()},

@@ -108,15 +108,17 @@ def serving(setup: LmSetup, *extra_models: dict) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from services.app import build_application, grpc_options
+    from services.app import build_application, controller_options, export_ray_env, grpc_options
     from services.config import parse_config
     from services.healthcheck import check
 
     config = parse_config({**setup.config, "models": [*setup.config["models"], *extra_models]})
+    export_ray_env(config)  # the service's Ray settings (inter-deployment gRPC), as `make serve` runs it
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
-        serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": free_port()},
+                    controller_options=controller_options(config))
         serve.run(build_application(config, setup.base_dir), name=config.app_name, route_prefix="/", blocking=False)
         target = f"127.0.0.1:{config.grpc.port}"
         deadline = time.monotonic() + 300

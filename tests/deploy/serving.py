@@ -43,13 +43,14 @@ LAUNCHER = r"""
 import os, signal, sys, threading
 import ray
 from ray import serve
-from services.app import build_application, grpc_options
+from services.app import build_application, export_ray_env, grpc_options
 from services.config import load_config
 
 config_path, http_port = sys.argv[1], int(sys.argv[2])
 config = load_config(config_path)
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
+export_ray_env(config)
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 try:
     serve.start(grpc_options=grpc_options(config), http_options={"host": "127.0.0.1", "port": http_port})

@@ -218,3 +218,16 @@ def test_runtime_stage_holds_everything_the_service_imports(tmp_path):
     ) % (str(REPO), str(REPO / "gen"), str(app_dir), str(app_dir / "gen"), str(app_dir))
     out = subprocess.run([sys.executable, "-c", probe], cwd=app_dir, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_runtime_env_carries_the_services_ray_settings():
+    """KubeRay starts Ray from the image, so its ENV must hold services.app.ray_env for the config
+    the image serves by default (configs/demo.yaml)."""
+    from services.app import ray_env
+
+    env: dict[str, str] = {}
+    for instr, args in final_stage():
+        if instr == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(args))
+    expected = ray_env(load_config(REPO / "configs" / "demo.yaml"))
+    assert {key: env.get(key) for key in expected} == expected

@@ -61,8 +61,8 @@ def service(artifacts) -> Service:
     grpc_port, metrics_port = free_port(), free_port()
     config_path = artifacts / "service.yaml"
     config_path.write_text(yaml.safe_dump(service_config(grpc_port)))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
-             configure_logging=False)
+    ray_init = dict(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
+                    log_to_driver=False, configure_logging=False)  # fmt: skip
 
     def stop() -> None:
         try:
@@ -71,7 +71,7 @@ def service(artifacts) -> Service:
             ray.shutdown()
 
     _stoppers.append(stop)
-    start(config_path, http_port=free_port())
+    start(config_path, ray_init_kwargs=ray_init, http_port=free_port())
     yield Service(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", config_path, artifacts)
     _stop_service()
 

@@ -74,7 +74,7 @@ def service(artifacts) -> Service:
     grpc_port, metrics_port = free_port(), free_port()
     config_path = artifacts / "service.yaml"
     config_path.write_text(yaml.safe_dump(service_config(grpc_port)))
-    ray.init(
+    ray_init = dict(
         address="local",  # always a fresh cluster of our own, never one found on the machine
         num_cpus=2,
         include_dashboard=False,
@@ -83,7 +83,7 @@ def service(artifacts) -> Service:
         configure_logging=False,
     )
     try:
-        start(config_path, http_port=free_port())
+        start(config_path, ray_init_kwargs=ray_init, http_port=free_port())
         yield Service(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", config_path, artifacts)
     finally:
         try:
