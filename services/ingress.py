@@ -40,7 +40,10 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @serve.deployment
 class SteeringIngress:
     def __init__(self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None) -> None:
-        self._models = dict(models)
+        # Handles are built where the app was bound, with that process' transport default; follow
+        # this replica's RAY_SERVE_USE_GRPC_BY_DEFAULT (services.app.ray_env) for the model hop.
+        grpc_data_plane = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1"
+        self._models = {name: handle.options(_by_reference=not grpc_data_plane) for name, handle in models.items()}
         self._token = _resolve_token(auth or {})
         self._metrics = ingress_metrics()
         self._model_infos: dict[str, pb.ModelInfo] = {}
