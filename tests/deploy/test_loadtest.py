@@ -1,4 +1,4 @@
-"""The load-test tool against the real service on loopback (a child process serving tiny models
+"""The load-test tool against the real service on loopback (the session's service: tiny models
 through the real gRPC proxy), its bounds and target policy, its statistics against numpy, and the
 image's gRPC health probe."""
 
@@ -16,18 +16,9 @@ from steering.v1 import steering_pb2 as pb
 
 from services import loadtest
 from services.healthcheck import main as healthcheck_main
-from tests.deploy.serving import REPO, build_artifacts, start_child_service
 from tests.services.helpers import IMAGE, LM, LM_LIMITS, VLM
 
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Module-scoped (not session): the child's Ray cluster is gone before other test modules run."""
-    service = start_child_service(build_artifacts(tmp_path_factory.mktemp("deploy_service")))
-    try:
-        yield service
-    finally:
-        service.stop()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_tool(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -40,9 +31,9 @@ def report_of(path: Path) -> dict:
 
 
 # -- against the real service ------------------------------------------------------------------------
-def test_mixed_load_succeeds_and_the_report_adds_up(served, tmp_path):
+def test_mixed_load_succeeds_and_the_report_adds_up(service, tmp_path):
     report_path = tmp_path / "report.json"
-    out = run_tool("--target", served.target, "--requests", "16", "--concurrency", "4", "--seed", "3",
+    out = run_tool("--target", service.target, "--requests", "16", "--concurrency", "4", "--seed", "3",
                    "--mix", "steered=3,unsteered=1,stream=1,image=1,multimodal=1,encode=1", "--max-new-tokens", "4",
                    "--image-size", "64", "--deadline", "90", "--report", str(report_path))
     assert out.returncode == 0, out.stderr + out.stdout
@@ -67,27 +58,27 @@ def test_mixed_load_succeeds_and_the_report_adds_up(served, tmp_path):
     assert "throughput" in out.stdout and "p99" in out.stdout
 
 
-def test_errors_are_counted_by_status(served, tmp_path):
+def test_errors_are_counted_by_status(service, tmp_path):
     too_long = str(LM_LIMITS["max_new_tokens"] + 1)  # over the model's limit: RESOURCE_EXHAUSTED
     path = tmp_path / "limits.json"
-    out = run_tool("--target", served.target, "--requests", "3", "--mix", "unsteered=1", "--model", LM,
+    out = run_tool("--target", service.target, "--requests", "3", "--mix", "unsteered=1", "--model", LM,
                    "--max-new-tokens", too_long, "--report", str(path))
     assert out.returncode == 0, out.stderr
     assert report_of(path)["errors"] == {"RESOURCE_EXHAUSTED": 3}
     assert report_of(path)["latency_ms"]["p50"] is None  # percentiles cover successful requests only
 
     path = tmp_path / "deadline.json"
-    out = run_tool("--target", served.target, "--requests", "4", "--concurrency", "2", "--mix", "steered=1",
+    out = run_tool("--target", service.target, "--requests", "4", "--concurrency", "2", "--mix", "steered=1",
                    "--model", LM, "--deadline", "0.001", "--report", str(path))
     assert out.returncode == 0, out.stderr
     report = report_of(path)
     assert report["errors"] == {"DEADLINE_EXCEEDED": 4} and report["ok"] == 0
 
 
-def test_duration_bounds_the_run(served, tmp_path):
+def test_duration_bounds_the_run(service, tmp_path):
     path = tmp_path / "duration.json"
     started = time.monotonic()
-    out = run_tool("--target", served.target, "--duration", "2", "--concurrency", "2", "--mix", "unsteered=1",
+    out = run_tool("--target", service.target, "--duration", "2", "--concurrency", "2", "--mix", "unsteered=1",
                    "--model", LM, "--max-new-tokens", "2", "--deadline", "20", "--report", str(path))
     assert out.returncode == 0, out.stderr
     report = report_of(path)
@@ -96,17 +87,17 @@ def test_duration_bounds_the_run(served, tmp_path):
     assert report["requests"] >= 2 and report["errors"] == {}
 
 
-def test_asking_for_a_kind_no_model_serves_is_refused(served, tmp_path):
-    out = run_tool("--target", served.target, "--requests", "1", "--mix", "multimodal=1", "--model", LM,
+def test_asking_for_a_kind_no_model_serves_is_refused(service, tmp_path):
+    out = run_tool("--target", service.target, "--requests", "1", "--mix", "multimodal=1", "--model", LM,
                    "--report", str(tmp_path / "x.json"))
     assert out.returncode == 2 and "multimodal" in out.stderr and not (tmp_path / "x.json").exists()
 
 
-def test_grpc_health_probe_of_the_image(served, capsys):
-    assert healthcheck_main(["--target", served.target]) == 0
+def test_grpc_health_probe_of_the_image(service, capsys):
+    assert healthcheck_main(["--target", service.target]) == 0
     assert "SERVING" in capsys.readouterr().out
-    assert healthcheck_main(["--target", served.target, "--service", LM]) == 0
-    assert healthcheck_main(["--target", served.target, "--service", "no-such-model"]) == 1
+    assert healthcheck_main(["--target", service.target, "--service", LM]) == 0
+    assert healthcheck_main(["--target", service.target, "--service", "no-such-model"]) == 1
     from tests.services.helpers import free_port
 
     assert healthcheck_main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1  # nothing listening

@@ -1,9 +1,11 @@
-"""Names, tiny artifact builders and the session's service config, shared by the services tests."""
+"""Names, tiny artifact builders and the session's service config, shared by the service-level tests
+(services, reliability, deploy)."""
 
 from __future__ import annotations
 
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -76,7 +78,7 @@ def service_config(grpc_port: int) -> dict:
                 "saes": [{"name": LM_SAE, "path": f"saes/{LM_SAE}", "format": "native"}],
                 "risk_probe": "risk",
                 "limits": LM_LIMITS,
-                "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1},
+                "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
                 "resources": small,
                 "max_ongoing_requests": 64,
             },
@@ -126,3 +128,20 @@ def png_bytes(seed: int, size: int = 20) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def build_artifacts(root: Path) -> Path:
+    """Under ``root``: a tiny Llama LM (+ SAE, risk probe), a tiny LLaVA (+ vision SAE) and a tiny
+    SDXL-Turbo (+ U-Net SAE), saved as users ship them."""
+    from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava
+    from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
+    from sae_runtime.formats import save_native
+
+    build_tiny_causal_lm(root / "lm", "llama", seed=0, hidden_size=32, num_layers=2, init_std=0.1)
+    save_native(random_sae(32, 64, LM_HOOK, LM_LABELS, seed=1), root / "saes" / LM_SAE)
+    random_probe(LM_SAE, 64, LM_LABELS, seed=2).save(root / "risk")
+    build_tiny_llava(root / "llava", seed=0)
+    save_native(random_sae(32, 64, VLM_HOOK, VLM_LABELS, seed=4), root / "saes" / VLM_SAE)
+    save_tiny_sdxl(root / "sdxl", seed=0)
+    save_native(random_sae(64, 128, IMG_HOOK, IMG_LABELS, seed=3), root / "saes" / IMG_SAE)
+    return root

@@ -66,12 +66,17 @@ def test_metrics_endpoint_counts_requests_latencies_batches_tokens_and_risk(serv
         time.sleep(2)
     assert all(checks.values()), {k: v for k, v in checks.items() if not v}
 
-    # histogram buckets are cumulative and end with +Inf == count
+    # histogram buckets are cumulative and end with +Inf == count, in every series (one per replica
+    # process that reported: a replica restarted by another test directory adds one)
     family = families["ray_steering_batch_size"]
-    buckets = sorted(
-        ((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket") and s.labels.get("model") == LM and s.labels.get("method") == "generate"),
-        key=lambda b: b[0],
-    )
-    assert buckets and buckets[-1][0] == float("inf")
-    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
-    assert buckets[-1][1] == total(families, "ray_steering_batch_size", "_count", model=LM, method="generate")
+    series: dict[tuple, list[tuple[float, float]]] = {}
+    for sample in family.samples:
+        if sample.name.endswith("_bucket") and sample.labels.get("model") == LM and sample.labels.get("method") == "generate":
+            key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            series.setdefault(key, []).append((float(sample.labels["le"]), sample.value))
+    assert series
+    for buckets in series.values():
+        buckets.sort(key=lambda b: b[0])
+        assert buckets[-1][0] == float("inf")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert sum(b[-1][1] for b in series.values()) == total(families, "ray_steering_batch_size", "_count", model=LM, method="generate")
