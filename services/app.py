@@ -134,7 +134,7 @@ def example_call(config: ServiceConfig) -> str:
         if m.kind == "sdxl_turbo":
             lines.append(f'  {cli} image --model {m.name} --steps 1 --out image.png "a cat"')
         elif m.kind == "causal_lm":
-            lines.append(f'  {cli} generate --model {m.name} --set color:red=8 "the"')
+            lines.append(f'  {cli} generate --model {m.name} --set color:red=60 "the"')
         elif m.kind == "llava":
             lines.append(f'  {cli} generate --model {m.name} --image some.png "what colour is it"')
     return "\n".join(lines)

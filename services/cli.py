@@ -1,7 +1,7 @@
 """Command line for the steering service.
 
     python -m services.cli list-models
-    python -m services.cli generate --model demo-lm --set color:red=8 "the"
+    python -m services.cli generate --model demo-lm --set color:red=60 "the"
     python -m services.cli generate --model demo-lm --ablate 12 --add animal:cat=4 --stream "the"
     python -m services.cli search-features --model demo-lm red
     python -m services.cli encode --model demo-lm "the red cat"

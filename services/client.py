@@ -1,10 +1,10 @@
 """A typed Python client for the steering service (plain gRPC; no Ray needed).
 
-    from services.client import SteeringClient, edit
+    from services.client import Generation, SteeringClient, edit
 
     with SteeringClient("localhost:9000") as client:
-        out = client.generate("demo-lm", "the", edits=[edit("concepts", "set", "color:red", value=8)],
-                              include_default=True, max_new_tokens=8, seed=0)
+        out = client.generate("demo-lm", "the", edits=[edit("concepts", "set", "color:red", value=60)],
+                              generation=Generation(max_new_tokens=12), include_default=True, seed=0)
         print(out.completion.text, "| unsteered:", out.default_completion.text, "| risk:", out.risk.score)
 
 Methods return the response proto messages (typed by the generated ``.pyi`` stubs). Failures
