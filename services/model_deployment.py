@@ -2,13 +2,14 @@
 
 Every request is converted and validated on its own (``Backend.validate``) before it joins a
 batch, so a bad request fails alone with a status naming its field and never reaches the batch.
-Concurrent valid requests are grouped by a :class:`ReplicaBatcher` into ONE ``backend.generate``
-call with per-row plans; a batch forms when the replica is free (see services/batching.py for why
-not ``@serve.batch``). Should a batched call still fail, each request of that batch is retried alone, so
-only the culprit sees the error.
+Concurrent valid requests are grouped by a :class:`ReplicaBatcher` into ONE batched backend pass
+with per-row plans; a batch forms when the replica is free (see services/batching.py for why not
+``@serve.batch``). Should a batched pass still fail, each request of that batch is retried alone,
+so only the culprit sees the error.
 
-The backend is not re-entrant (hooks live on shared modules), so every backend call holds one
-asyncio lock: batches, encodes and streams run one at a time per replica; the event loop stays
+GenerateStream requests join the same text batches as Generate calls (``backend.stream_many``),
+their tokens relayed as the pass produces them. The backend is not re-entrant (hooks live on shared modules), so every backend
+call holds one asyncio lock: batches and encodes run one at a time per replica; the event loop stays
 free to accept and validate new requests (the work runs in a thread).
 """
 
@@ -40,6 +41,7 @@ MAX_SEARCH_LIMIT = 1000
 class _Job:
     request: Any  # a validated rt.TextRequest or rt.ImageRequest
     received_at: float  # wall clock (time.time()) when the service received the request
+    tokens: asyncio.Queue | None = None  # a stream's token events (rt.StreamEvent), None for unary calls
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,7 @@ class ModelServer:
         self.versions = self._versions()
         self._lock = asyncio.Lock()
         size, wait = int(batching["max_batch_size"]), float(batching["batch_wait_timeout_s"])
-        self._text_batches: ReplicaBatcher[_Job, _Outcome] = ReplicaBatcher(
-            lambda jobs: self._run_batch("generate", self.backend.generate, jobs), size, wait
-        )
+        self._text_batches: ReplicaBatcher[_Job, _Outcome] = ReplicaBatcher(self._run_text_batch, size, wait)
         self._image_batches: ReplicaBatcher[_Job, _Outcome] = ReplicaBatcher(
             lambda jobs: self._run_batch("generate_image", self.backend.generate_images, jobs), size, wait
         )
@@ -195,6 +195,51 @@ class ModelServer:
         self.metrics.batch_size.observe(len(jobs), tags={"model": self.spec.name, "method": method})
         return [_Outcome(v, started, finished, len(jobs)) for v in values]
 
+    async def _run_text_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        """Generate and GenerateStream requests share batches: one ``backend.stream_many`` pass,
+        whose token events go to the streams' queues as they are produced."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            started = time.time()
+            values = await in_thread(self._text_pass, jobs, loop)
+            finished = time.time()
+        self.metrics.batch_size.observe(len(jobs), tags={"model": self.spec.name, "method": "generate"})
+        return [_Outcome(v, started, finished, len(jobs)) for v in values]
+
+    def _text_pass(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> list:
+        """(Worker thread.) Results or exceptions per job. If the batched pass fails, each job is
+        retried alone, as :func:`run_isolated` does, except a stream that already got tokens: it
+        gets the batch's error rather than its tokens twice."""
+        streamed: set[int] = set()
+
+        def run(indices: list[int]) -> list:
+            results: dict[int, Any] = {}
+            passes = self.backend.stream_many([jobs[k].request for k in indices], [jobs[k].tokens is not None for k in indices])
+            for i, event in passes:
+                k = indices[i]
+                if event.result is not None:
+                    results[k] = event.result
+                else:
+                    streamed.add(k)
+                    loop.call_soon_threadsafe(jobs[k].tokens.put_nowait, event)
+            return [results[k] for k in indices]
+
+        try:
+            return run(list(range(len(jobs))))
+        except Exception as batch_error:  # noqa: BLE001 - isolate the failing row below
+            if len(jobs) == 1:
+                return [batch_error]
+        outcomes: list = []
+        for k in range(len(jobs)):
+            if k in streamed:
+                outcomes.append(batch_error)
+                continue
+            try:
+                outcomes.append(run([k])[0])
+            except Exception as err:  # noqa: BLE001 - returned to that request's caller
+                outcomes.append(err)
+        return outcomes
+
     # -- API -------------------------------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
         multimodal = isinstance(request, pb.GenerateMultimodalRequest)
@@ -209,37 +254,29 @@ class ModelServer:
         return convert.text_result_to_proto(result, timings=timings, versions=self.versions, steered=steered)
 
     async def generate_stream(self, request: pb.GenerateRequest, received_at: float) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Token events from ``backend.stream``; the last message carries the full response."""
+        """Token events as the request's batch produces them; the last message carries the full
+        response. A stream joins batches like any Generate call."""
         self._require_kind(TEXT_KINDS, "GenerateStream")
         text_request = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
         steered = convert.is_steered(text_request)
-        done = object()
-        async with self._lock:
-            started = time.time()
-            events = self.backend.stream(text_request)
-            try:
-                while True:
-                    event = await in_thread(next, events, done)
-                    if event is done:
-                        break
-                    msg = pb.GenerateStreamResponse()
-                    if event.token is not None:
-                        msg.token.CopyFrom(convert.token_to_proto(event.token))
-                    if event.risk is not None:
-                        msg.running_risk = event.risk
-                    if event.result is not None:
-                        outcome = _Outcome(event.result, started, time.time(), 1)
-                        timings = self._timings(outcome, received_at)
-                        self._observe("generate_stream", timings)
-                        self._observe_text(event.result, steered)
-                        msg.final.CopyFrom(
-                            convert.text_result_to_proto(event.result, timings=timings, versions=self.versions, steered=steered)
-                        )
-                    yield msg
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()
+        tokens: asyncio.Queue = asyncio.Queue()
+        outcome_of = asyncio.ensure_future(self._text_batches.submit(_Job(text_request, received_at, tokens)))
+        # Scheduled after every token event of the pass (they are queued before it ends): the end marker.
+        outcome_of.add_done_callback(lambda _: tokens.put_nowait(None))
+        try:
+            while (event := await tokens.get()) is not None:
+                msg = pb.GenerateStreamResponse(token=convert.token_to_proto(event.token))
+                if event.risk is not None:
+                    msg.running_risk = event.risk
+                yield msg
+            outcome = outcome_of.result()
+            result: rt.TextResult = outcome.result()
+            timings = self._timings(outcome, received_at)
+            self._observe("generate_stream", timings)
+            self._observe_text(result, steered)
+            yield pb.GenerateStreamResponse(final=convert.text_result_to_proto(result, timings=timings, versions=self.versions, steered=steered))
+        finally:
+            outcome_of.cancel()  # a client gone before its batch started leaves the queue
 
     async def generate_image(self, request: pb.GenerateImageRequest, received_at: float) -> pb.GenerateImageResponse:
         self._require_kind(IMAGE_KINDS, "GenerateImage")

@@ -15,10 +15,11 @@ temp dir), then runs four phases with the load-test tool's request mix (``servic
 4. deadlines: ``--doomed`` requests with a deadline (``--doomed-deadline-ms``) shorter than one
    batch of the live load but longer than the trip to the replica, fired into live load; they must
    end DEADLINE_EXCEEDED (or OK within it: a tiny model may stop at EOS at once), the proxy must
-   count the late ones CANCELLED, and the live requests'
-   batches must hold live requests only (a cancelled request waiting for a batch leaves the queue,
-   so it takes no batch slot; one that joined a batch in the instant before its deadline is
-   counted), with a fresh request served promptly afterwards.
+   count the late ones CANCELLED, live requests must all succeed, and a fresh request must be
+   served promptly afterwards. How many live batches also held doomed rows is reported, not
+   judged: batches form the moment the replica is free, so a doomed request that arrives then
+   joins one while it is still alive (and, once in, its row runs to the end of the batch); that a
+   request cancelled while it waits never takes a slot is checked by tests/services/test_batching.py.
 
 Pass criteria (exit status 1 otherwise): no error status in the soak, soak p99 within the bound,
 RSS growth of every process within ``--max-rss-growth`` (fraction of its start RSS, after warm-up),
@@ -354,8 +355,6 @@ def verdict(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
             failures.append(f"a doomed request succeeded after {d['doomed_ok_max_ms']:.0f} ms, past its deadline")
         if d["proxy_counted_cancelled"] < late * 0.9:
             failures.append(f"the proxy counted {d['proxy_counted_cancelled']:.0f} of {late} late requests CANCELLED")
-        if d["live_batches_larger_than_live_clients"] > 0.1 * d["doomed"]:
-            failures.append(f"{d['live_batches_larger_than_live_clients']} live batches held more requests than live clients")
         if d["live_ok"] != d["live_requests"] or d["probe_queue_ms"] > 250:
             failures.append(f"live requests failed or the queue did not drain (probe queue {d['probe_queue_ms']:.0f} ms)")
     return failures

@@ -194,19 +194,41 @@ class CausalLmBackend(Backend):
         the model has a probe), then a final event whose ``result`` is the full TextResult, equal to
         ``generate([request])[0]`` (token latents and risk are attached once the token itself has run
         through the model, i.e. one decode step after it was sampled)."""
-        run = self._run([request])
+        events = self.stream_many([request])
         try:
-            sent = 0
+            for _, event in events:
+                yield event
+        finally:
+            events.close()
+
+    def stream_many(self, requests: Sequence[TextRequest], streaming: Sequence[bool] | None = None) -> Iterator[tuple[int, StreamEvent]]:
+        """Generate for ``requests`` in ONE batched pass, yielding ``(request index, StreamEvent)``.
+
+        Requests flagged in ``streaming`` (default: all) get their token events as :meth:`stream`
+        gives them, interleaved step by step; when the pass ends every request gets its final event
+        (``result`` = what :meth:`generate` returns for it), in request order. At most
+        ``limits.max_batch_size`` requests.
+        """
+        run = self._run(requests)
+        flags = [True] * len(requests) if streaming is None else list(streaming)
+        if len(flags) != len(requests):
+            raise ValueError(f"{len(flags)} streaming flags for {len(requests)} requests")
+        steered = run.steered_rows()
+        sent = [0] * len(requests)
+        try:
             state = None
             for state in run.loop:
-                steered = state.rows[0]
-                ready = steered.ready
-                if ready > sent:
-                    risk = run.running_risk(0) if self.risk_probe is not None else None
-                    for tok in run.tokens(state, 0, start=sent, upto=ready):
-                        yield StreamEvent(token=tok, risk=risk)
-                    sent = ready
-            yield StreamEvent(token=None, result=run.results(state)[0])
+                fresh = [i for i in range(len(requests)) if flags[i] and state.rows[steered[i]].ready > sent[i]]
+                if not fresh:
+                    continue
+                risks = run._risks([steered[i] for i in fresh], final=True) if self.risk_probe is not None else [None] * len(fresh)
+                for i, risk in zip(fresh, risks):
+                    ready = state.rows[steered[i]].ready
+                    for tok in run.tokens(state, steered[i], start=sent[i], upto=ready):
+                        yield i, StreamEvent(token=tok, risk=None if risk is None else risk.probability)
+                    sent[i] = ready
+            for i, result in enumerate(run.results(state)):
+                yield i, StreamEvent(token=None, result=result)
         finally:
             run.loop.close()  # detach the hooks now, also when the consumer stops early (run <-> loop is a cycle)
 
@@ -290,6 +312,10 @@ class _BatchRun:
                 self.state = state
                 yield state
 
+    def steered_rows(self) -> list[int]:
+        """Per request, the index of its steered row (its unsteered twin, if any, is another row)."""
+        return [next(j for j, r in enumerate(self.rows) if r.request == i and not r.default) for i in range(len(self.requests))]
+
     # -- readouts ------------------------------------------------------------------------------
     def readouts(self) -> list[dict]:
         """Per row: {sae: SaeReadout}, refreshed once per forward."""
@@ -332,7 +358,7 @@ class _BatchRun:
     def results(self, state: LoopState) -> list[TextResult]:
         compute_ms = (time.perf_counter() - self.started) * 1000.0
         out: list[TextResult] = []
-        steered_rows = [next(j for j, r in enumerate(self.rows) if r.request == i and not r.default) for i in range(len(self.requests))]
+        steered_rows = self.steered_rows()
         has_probe = self.backend.risk_probe is not None
         risk_prompt = self._risks(steered_rows, final=False) if has_probe else [None] * len(steered_rows)
         risk_final = self._risks(steered_rows, final=True) if has_probe else [None] * len(steered_rows)

@@ -132,6 +132,30 @@ def test_sixteen_concurrent_requests_with_different_plans_each_equal_their_solo_
         same_result(got, want)
 
 
+def test_streams_share_batches_with_generate_calls_and_equal_their_solo_result(client, service):
+    requests = sixteen_requests()[:8]
+    solo = [client.generate_request(r) for r in requests]
+
+    def stream(request) -> list[pb.GenerateStreamResponse]:
+        stub = steering_pb2_grpc.SteeringStub(channel)
+        return list(stub.GenerateStream(request, timeout=120))
+
+    with grpc.insecure_channel(service.target) as channel, ThreadPoolExecutor(len(requests)) as pool:
+        # even requests stream, odd ones are unary; all are in flight together
+        futures = [pool.submit(stream if i % 2 == 0 else client.generate_request, r) for i, r in enumerate(requests)]
+        outcomes = [f.result() for f in futures]
+    sizes = []
+    for i, (got, want) in enumerate(zip(outcomes, solo, strict=True)):
+        if i % 2 == 0:
+            *tokens, last = got
+            assert last.HasField("final") and not any(m.HasField("final") for m in tokens)
+            assert [m.token.id for m in tokens] == [t.id for t in last.final.completion.tokens]
+            got = last.final
+        same_result(got, want)
+        sizes.append(got.timings.batch_size)
+    assert max(sizes[0::2]) > 1  # a stream was batched with other requests
+
+
 def test_invalid_request_in_a_concurrent_burst_fails_alone(client):
     requests = sixteen_requests()[:7]
     bad = SteeringClient.text_request(LM, "the", edits=[edit(LM_SAE, "set", 1000, value=1.0)])
