@@ -15,6 +15,8 @@ probe are loaded from ``<models>/demo-lm`` with ``from_pretrained`` / ``load_sae
 - ``risk_auroc``: AUROC of the probe's prompt-head score (``risk_prompt``, computed by the backend
   before anything is generated) against "the greedy answer is hallucinated", over fact prompts of
   every uncertainty level; ``risk_auroc_final`` for the final head.
+- ``risk_top_quartile``: the mean final risk of the riskiest quarter of those prompts, without and
+  with mitigation (the reference's measure of mitigation).
 - ``halluc_rate`` on those prompts, and ``halluc_rate_mitigated`` with ``mitigate_risk_top_n``
   (ablating the probe's most risk-positive latents during generation).
 - ``sae_l0``, ``sae_fvu``, ``sae_loss_recovered`` on held-out texts; ``build_seconds`` from the
@@ -171,9 +173,18 @@ def fact_eval(backend: CausalLmBackend, n_intact: int = 300, n_mixed: int = 600,
         "halluc_rate": float(y.float().mean()),
         "halluc_rate_mitigated": sum(mitigated_labels) / len(mitigated_labels),
         "mitigate_top_n": mitigate,
+        "risk_top_quartile": top_quartile_risk(risk_final, torch.tensor([r.risk_final.probability for r in mitigated])),
         "n_fact_items": {"intact": len(intact), "mixed": len(items)},
         "by_uncertainty": by_level,
     }
+
+
+def top_quartile_risk(base: torch.Tensor, mitigated: torch.Tensor) -> dict[str, float]:
+    """Mean final risk of the quarter of items the base run scored riskiest, without and with
+    mitigation (the probe reads the after-edit latents, so part of any drop is the ablation
+    removing the very latents it weighs)."""
+    top = torch.argsort(base, descending=True)[: max(1, base.numel() // 4)]
+    return {"base": float(base[top].mean()), "mitigated": float(mitigated[top].mean())}
 
 
 def sae_eval(backend: CausalLmBackend, n_texts: int = 256) -> dict[str, float]:
@@ -239,6 +250,8 @@ def summary(report: dict[str, Any]) -> str:
         ("risk_auroc_final", report["risk_auroc_final"], ""),
         ("halluc_rate", report["halluc_rate"], ""),
         (f"halluc_rate_mitigated (top {report['mitigate_top_n']})", report["halluc_rate_mitigated"], ""),
+        ("risk, riskiest quartile (base)", report["risk_top_quartile"]["base"], ""),
+        ("risk, riskiest quartile (mitigated)", report["risk_top_quartile"]["mitigated"], ""),
         ("sae_l0", report["sae_l0"], ""),
         ("sae_fvu", report["sae_fvu"], ""),
         ("sae_loss_recovered", report["sae_loss_recovered"], ""),

@@ -9,7 +9,7 @@ import pytest
 from sae_runtime.backends.types import SamplingParams, TextRequest
 from sae_runtime.demo import world
 from sae_runtime.demo.build import MANIFEST, BuildConfig, build
-from sae_runtime.demo.eval import SAE_NAME, STEER_VALUE, load_backend, story_prompts
+from sae_runtime.demo.eval import SAE_NAME, STEER_VALUE, load_backend, story_prompts, top_quartile_risk
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -76,3 +76,12 @@ def test_quick_build_writes_artifacts_that_load_through_the_backend(tmp_path):
     (result,) = _answers(built, ["the fox is"], plan, max_new_tokens=3)
     assert 1 <= len(result.steered.tokens) <= 3
     assert result.risk_final is not None and 0.0 <= result.risk_final.probability <= 1.0
+
+
+def test_top_quartile_risk_averages_the_base_runs_riskiest_quarter():
+    import torch
+
+    base = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.2, 0.3, 0.95, 0.4])
+    mitigated = torch.tensor([0.0, 0.3, 0.5, 0.9, 0.2, 0.3, 0.15, 0.4])
+    # riskiest quarter of 8 = items 6 (0.95) and 1 (0.9)
+    assert top_quartile_risk(base, mitigated) == pytest.approx({"base": (0.95 + 0.9) / 2, "mitigated": (0.15 + 0.3) / 2})
