@@ -1,0 +1,55 @@
+"""The README's examples run: its Python client snippet and its CLI walk-through, against the
+session's service (the demo's names swapped for the test models'), and its config example parses."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from services.cli import main as cli_main
+from services.config import parse_config
+from tests.services.helpers import IMAGE, LM, LM_SAE
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def for_tests(text: str, target: str) -> str:
+    """The demo's names -> the test service's (same label vocabulary: color:red exists in both)."""
+    for demo, test in (("localhost:9000", target), ("demo-sdxl-turbo", IMAGE), ("demo-lm", LM), ('"concepts"', f'"{LM_SAE}"')):
+        text = text.replace(demo, test)
+    return text
+
+
+def test_the_python_snippet_runs_and_prints_a_steered_and_an_unsteered_completion(service):
+    (snippet,) = [b for b in blocks("python") if "SteeringClient" in b]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(for_tests(snippet, service.target), "README.md", "exec"), {})  # noqa: S102 - our own README
+    printed = out.getvalue()
+    assert "| unsteered:" in printed and "| risk:" in printed, printed
+
+
+def test_the_cli_walk_through_runs(service, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the image command writes its --out file here
+    commands = [line.split("#")[0].strip() for b in blocks("sh") for line in b.splitlines()]
+    prefix = ".venv/bin/python -m services.cli "
+    calls = [shlex.split(for_tests(c[len(prefix):], service.target)) for c in commands if c.startswith(prefix)]
+    assert len(calls) >= 4, commands
+    for argv in calls:
+        assert cli_main(["--target", service.target, *argv]) == 0, argv
+    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in tmp_path.iterdir())
+
+
+def test_the_config_example_parses():
+    (example,) = [b for b in blocks("yaml") if "models:" in b]
+    config = parse_config(yaml.safe_load(example))
+    assert config.models[0].name == "demo-lm" and config.models[0].batching.batch_wait_timeout_s == 0.0
