@@ -63,38 +63,24 @@ def free_port() -> int:
 def build_tiny_models(root: Path) -> Path:
     """Tiny random LM (+ labelled SAE, risk probe), LLaVA (+ vision SAE) and SDXL-Turbo (+ U-Net SAE)
     saved under ``root`` as users ship them, and a config serving them; returns the config path."""
-    import torch
     import yaml
 
     from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava
+    from sae_runtime.demo.tiny_saes import random_probe, random_sae
     from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
     from sae_runtime.formats import save_native
-    from sae_runtime.risk import ProbeLayout, RiskProbe
-    from sae_runtime.saes.base import SaeConfig, build_sae
 
-    def random_sae(d_in: int, d_sae: int, hook: str, labels: dict[str, int], seed: int) -> Path:
-        g = torch.Generator().manual_seed(seed)
-        sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
-        with torch.no_grad():
-            sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-            sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
-            sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-        sae.labels = labels
-        return save_native(sae, root / "saes" / hook.replace(".", "_"))
+    def saved_sae(d_in: int, d_sae: int, hook: str, labels: dict[str, int], seed: int) -> Path:
+        return save_native(random_sae(d_in, d_sae, hook, seed=seed, labels=labels), root / "saes" / hook.replace(".", "_"))
 
     build_tiny_causal_lm(root / "lm", "llama", seed=0, hidden_size=32, num_layers=2, init_std=0.1)
     lm_labels = {"color:red": 3, "color:blue": 5, "animal:cat": 9}
-    lm_sae = random_sae(32, 64, "blocks.0.hook_resid_post", lm_labels, seed=1)
-    layout = ProbeLayout((("res", 64),))
-    g = torch.Generator().manual_seed(2)
-    n = layout.n_features("final")
-    RiskProbe(layout=layout, feature_mean=torch.zeros(n), feature_std=torch.ones(n),
-              prompt_coef=torch.randn(layout.n_features("prompt"), generator=g) * 0.2, prompt_intercept=-0.3,
-              final_coef=torch.randn(n, generator=g) * 0.2, final_intercept=-0.3, latent_labels={"res": lm_labels}).save(root / "risk")
+    lm_sae = saved_sae(32, 64, "blocks.0.hook_resid_post", lm_labels, seed=1)
+    random_probe("res", 64, seed=2, labels=lm_labels).save(root / "risk")
     build_tiny_llava(root / "llava", seed=0)
-    vis_sae = random_sae(32, 64, "vision.layers.1", {"shape:round": 2}, seed=4)
+    vis_sae = saved_sae(32, 64, "vision.layers.1", {"shape:round": 2}, seed=4)
     save_tiny_sdxl(root / "sdxl", seed=0)
-    img_sae = random_sae(64, 128, "unet.mid_block.attentions.0", {"texture:fur": 7}, seed=3)
+    img_sae = saved_sae(64, 128, "unet.mid_block.attentions.0", {"texture:fur": 7}, seed=3)
     small = {"num_cpus": 0.1, "torch_threads": 1}
     config = {
         "grpc": {"port": 9000, "request_timeout_s": 120},

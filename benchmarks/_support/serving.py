@@ -60,21 +60,13 @@ def _demo_model_entry() -> dict | None:
 
 
 def _standin(root: Path) -> dict:
-    import torch
-
     from sae_runtime.demo.tiny_models import build_tiny_causal_lm
+    from sae_runtime.demo.tiny_saes import random_sae
     from sae_runtime.formats import save_native
-    from sae_runtime.saes import SaeConfig, build_sae
 
     build_tiny_causal_lm(root / "lm", "llama", seed=0, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
                          intermediate_size=512, init_std=0.05)
-    g = torch.Generator().manual_seed(1)
-    sae = build_sae(SaeConfig("standard", d_in=128, d_sae=1024, hook_name=STANDIN_SITE))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(128, 1024, generator=g) / 128**0.5)
-        sae.W_dec.copy_(torch.randn(1024, 128, generator=g) / 128**0.5)
-        sae.b_enc.copy_(torch.randn(1024, generator=g) * 0.05)
-    save_native(sae, root / "saes" / "concepts")
+    save_native(random_sae(128, 1024, STANDIN_SITE, seed=1), root / "saes" / "concepts")
     return {"name": DEMO_MODEL, "kind": "causal_lm", "path": "lm", "saes": [{"name": "concepts", "path": "saes/concepts"}],
             "limits": {"max_prompt_tokens": 256, "max_new_tokens": 64, "max_edits": 256, "max_batch_size": 16}}
 

@@ -163,12 +163,17 @@ def text_requests(draw, multimodal: bool = False):
             msg.prompt = ""
     if multimodal:
         msg.image = choose(draw, wild, "image", st.sampled_from(GOOD_PNG), wild_png)
+    draw_seed_and_readout(draw, msg, model, wild)
+    return msg
+
+
+def draw_seed_and_readout(draw, msg: pb.GenerateRequest | pb.GenerateMultimodalRequest | pb.GenerateImageRequest, model: str, wild: frozenset[str]) -> None:
+    """A seed (sometimes, always when corrupted) and the latents to return (sometimes) on ``msg``."""
     if draw(st.booleans()) or "seed" in wild:
         msg.seed = choose(draw, wild, "seed", st.integers(0, 1000), uint64)
     readout = draw_readout(draw, model, wild)
     if readout is not None:
         msg.return_latents.CopyFrom(readout)
-    return msg
 
 
 @st.composite
@@ -191,11 +196,7 @@ def image_requests(draw) -> pb.GenerateImageRequest:
             msg.num_inference_steps = draw(wild_int32)
     else:
         msg.num_inference_steps = draw(st.integers(1, 2))
-    if draw(st.booleans()) or "seed" in wild:
-        msg.seed = choose(draw, wild, "seed", st.integers(0, 1000), uint64)
-    readout = draw_readout(draw, IMAGE, wild)
-    if readout is not None:
-        msg.return_latents.CopyFrom(readout)
+    draw_seed_and_readout(draw, msg, IMAGE, wild)
     return msg
 
 

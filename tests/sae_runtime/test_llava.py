@@ -13,11 +13,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from sae_runtime.backends.llava import LlavaBackend
 from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import ChatMessage, EncodeRequest, SamplingParams, TextRequest
+from sae_runtime.demo import tiny_saes
 from sae_runtime.demo.tiny_models import build_tiny_llava
 from sae_runtime.errors import InvalidArgument, TooLarge
 from sae_runtime.formats import save_native
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, VisionScope
-from sae_runtime.saes.base import SaeConfig, build_sae
 
 FEATURE_LAYER = "vision.layers.1"  # hidden_states[-2] of a 3-layer tower: what the projector reads
 EARLY_LAYER = "vision.layers.0"
@@ -26,13 +26,7 @@ N_VISION = 17  # CLS + (16 / 4) ** 2 patches
 
 
 def random_sae(hook: str, seed: int, d_in: int = 32, d_sae: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
-        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-    return sae
+    return tiny_saes.random_sae(d_in, d_sae, hook, seed=seed)
 
 
 def png(seed: int, size: int = 20) -> bytes:

@@ -11,24 +11,18 @@ from sae_runtime.backends.images import png_to_array
 from sae_runtime.backends.sdxl_turbo import SdxlTurboBackend
 from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import EncodeRequest, ImageRequest
+from sae_runtime.demo import tiny_saes
 from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
 from sae_runtime.errors import FormatError, InvalidArgument, NotFound, TooLarge
 from sae_runtime.formats import save_native
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
-from sae_runtime.saes.base import SaeConfig, build_sae
 
 MID = "unet.mid_block.attentions.0"
 UP = "unet.up_blocks.0.attentions.1"
 
 
 def random_sae(hook: str, seed: int, d_in: int = 64, d_sae: int = 128):
-    g = torch.Generator().manual_seed(seed)
-    sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
-        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-    return sae
+    return tiny_saes.random_sae(d_in, d_sae, hook, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -31,37 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_sae(d_in: int, d_sae: int, hook: str, labels: dict[str, int], seed: int):
-    from sae_runtime.saes.base import SaeConfig, build_sae
-
-    g = torch.Generator().manual_seed(seed)
-    sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
-        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-    sae.labels = dict(labels)
-    return sae
-
-
-def random_probe(sae_name: str, d_sae: int, labels: dict[str, int], seed: int):
-    from sae_runtime.risk import ProbeLayout, RiskProbe
-
-    g = torch.Generator().manual_seed(seed)
-    layout = ProbeLayout(((sae_name, d_sae),))
-    n = layout.n_features("final")
-    return RiskProbe(
-        layout=layout,
-        feature_mean=torch.zeros(n),
-        feature_std=torch.ones(n),
-        prompt_coef=torch.randn(layout.n_features("prompt"), generator=g) * 0.2,
-        prompt_intercept=-0.3,
-        final_coef=torch.randn(n, generator=g) * 0.2,
-        final_intercept=-0.3,
-        latent_labels={sae_name: dict(labels)},
-    )
-
-
 
 
 def service_config(grpc_port: int) -> dict:
@@ -135,13 +104,14 @@ def build_artifacts(root: Path) -> Path:
     SDXL-Turbo (+ U-Net SAE), saved as users ship them."""
     from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava
     from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
+    from sae_runtime.demo.tiny_saes import random_probe, random_sae
     from sae_runtime.formats import save_native
 
     build_tiny_causal_lm(root / "lm", "llama", seed=0, hidden_size=32, num_layers=2, init_std=0.1)
-    save_native(random_sae(32, 64, LM_HOOK, LM_LABELS, seed=1), root / "saes" / LM_SAE)
-    random_probe(LM_SAE, 64, LM_LABELS, seed=2).save(root / "risk")
+    save_native(random_sae(32, 64, LM_HOOK, labels=LM_LABELS, seed=1), root / "saes" / LM_SAE)
+    random_probe(LM_SAE, 64, labels=LM_LABELS, seed=2).save(root / "risk")
     build_tiny_llava(root / "llava", seed=0)
-    save_native(random_sae(32, 64, VLM_HOOK, VLM_LABELS, seed=4), root / "saes" / VLM_SAE)
+    save_native(random_sae(32, 64, VLM_HOOK, labels=VLM_LABELS, seed=4), root / "saes" / VLM_SAE)
     save_tiny_sdxl(root / "sdxl", seed=0)
-    save_native(random_sae(64, 128, IMG_HOOK, IMG_LABELS, seed=3), root / "saes" / IMG_SAE)
+    save_native(random_sae(64, 128, IMG_HOOK, labels=IMG_LABELS, seed=3), root / "saes" / IMG_SAE)
     return root
