@@ -110,8 +110,13 @@ class PooledLatents:
 
 @dataclass(frozen=True)
 class Timings:
+    """Milliseconds: waiting for admission, admission to the end, admission to the first token;
+    ``batch_size`` = rows running when the request was admitted (its own included)."""
+
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    first_token_ms: float = 0.0
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,13 @@ class TextResult:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One streamed token with the running risk score; the last event carries the full result."""
+    """One streamed token with the running risk score; the last event carries the full result,
+    or the error the request ended with (cancelled, past its deadline, failed)."""
 
     token: GeneratedToken | None
     risk: float | None = None
     result: TextResult | None = None
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
