@@ -19,10 +19,8 @@ Two ways to drive it, one code path:
 from __future__ import annotations
 
 import itertools
-import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -33,6 +31,7 @@ from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position
 from sae_runtime.backends.sampling import SlotSampler, new_generator, top_logprobs
 from sae_runtime.backends.types import Completion, GeneratedToken, StreamEvent, TextResult, Timings
 from sae_runtime.engine.kv import SlotKvCache
+from sae_runtime.engine.loop import StepLoop
 from sae_runtime.engine.plans import PlanTable
 from sae_runtime.engine.request import PreparedText, RequestRun, RequestStatus, SequenceRun
 from sae_runtime.engine.scheduler import EngineConfig, Scheduler
@@ -55,20 +54,17 @@ class StepStats:
     inter_token_ms: tuple[float, ...] = ()  # one per token made ready this step (after the first)
 
 
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: Future = field(default_factory=Future)
-
-
-class TextEngine:
+class TextEngine(StepLoop):
     """A text model's step loop. ``saes``: the model's SAEs by name at their sites;
     ``vision_saes``: those of them on a vision tower (read per image position, not per token)."""
+
+    thread_name = "text-engine"
 
     def __init__(self, model: nn.Module, tokenizer: Any, saes: Mapping[str, AttachedSae], *, eos_ids: frozenset[int],
                  pad_id: int, vocab_size: int, labels: LabelIndex, risk_probe: Any = None,
                  config: EngineConfig = EngineConfig(), plugin: ModalityPlugin | None = None,
                  vision_saes: Sequence[str] = ()) -> None:
+        super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos_ids, self.labels, self.risk_probe = eos_ids, labels, risk_probe
         self.vision_saes = frozenset(vision_saes)
@@ -84,12 +80,6 @@ class TextEngine:
         self._free = list(range(n_slots - 1, -1, -1))
         self._running: list[RequestRun] = []
         self._ids = itertools.count()
-        self._lock = threading.Condition()
-        self._incoming: list[RequestRun] = []
-        self._calls: list[_Call] = []
-        self._step_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.on_step: Callable[[StepStats], None] | None = None
 
     # -- submitting ------------------------------------------------------------------------------
@@ -107,28 +97,8 @@ class TextEngine:
             sequences.append(SequenceRun(default, None if default else prepared.plan, new_generator(prepared.seed)[0],
                                          text, bool(reads), logprobs=req.logprobs))
         run = RequestRun(next(self._ids), prepared, sequences, on_event, deadline, stream=stream, reads=reads)
-        with self._lock:
-            self._incoming.append(run)
-            self._lock.notify()
+        self._enqueue(run)
         return run
-
-    def cancel(self, run: RequestRun) -> None:
-        """Ask ``run`` to leave; it ends CANCELLED at the next step boundary (no further tokens)."""
-        with self._lock:
-            run.cancel_requested = True
-            self._lock.notify()
-
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the engine thread between two steps (no steering hooks attached)."""
-        item = _Call(fn)
-        if self._thread is None:
-            with self._step_lock:
-                _run_call(item)
-            return item.future
-        with self._lock:
-            self._calls.append(item)
-            self._lock.notify()
-        return item.future
 
     def _reads(self, req: Any) -> dict[str, int]:
         reads = {n: 0 for n in self.probe_saes}
@@ -138,36 +108,13 @@ class TextEngine:
         return reads
 
     # -- driving ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Run the step loop on a daemon thread until :meth:`stop`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="text-engine", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _has_work(self) -> bool:
-        return bool(self._incoming or self._calls or self.scheduler.waiting or self._running)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._has_work():
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            self.step()
+    def _busy(self) -> bool:
+        return bool(self.scheduler.waiting or self._running)
 
     def generate(self, prepared: Sequence[PreparedText]) -> list[TextResult]:
         """Results of ``prepared``, in order (all submitted at once, so they share steps)."""
         runs = [self.submit(p) for p in prepared]
-        self._wait(runs)
+        self.wait(runs)
         for run in runs:
             if run.error is not None:
                 raise run.error
@@ -182,7 +129,7 @@ class TextEngine:
         try:
             while True:
                 while events.empty():
-                    if self._thread is None:
+                    if not self.threaded:
                         self.step()
                     else:
                         run.done.wait(0.05)
@@ -196,40 +143,26 @@ class TextEngine:
             if not run.status.ended:
                 self.cancel(run)
 
-    def _wait(self, runs: Sequence[RequestRun]) -> None:
-        if self._thread is not None:
-            for run in runs:
-                run.done.wait()
-            return
-        while not all(r.done.is_set() for r in runs):
-            self.step()
-
     # -- one step --------------------------------------------------------------------------------
-    def step(self) -> StepStats | None:
+    def _step(self, incoming: list[RequestRun]) -> StepStats | None:
         """Retire ended requests, admit waiting ones, run the step's forwards, emit events."""
-        with self._step_lock:
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-                calls, self._calls = self._calls, []
-            for call in calls:
-                _run_call(call)
-            self.scheduler.waiting.extend(incoming)
-            started = time.monotonic()
-            self._retire_stopped(started)
-            self.kv.keep(self._live_slots())  # before admission: a freed slot may be taken again this step
-            admitted = self.scheduler.admit()
-            if not admitted and not self._running:
-                return None
-            try:
-                stats = self._forwards(admitted, started)
-            except Exception as err:  # noqa: BLE001 - the step's requests fail; the engine goes on
-                for run in list(self._running):
-                    self._end(run, RequestStatus.FAILED, err)
-                self.kv.keep([])
-                return None
-            if self.on_step is not None:
-                self.on_step(stats)
-            return stats
+        self.scheduler.waiting.extend(incoming)
+        started = time.monotonic()
+        self._retire_stopped(started)
+        self.kv.keep(self._live_slots())  # before admission: a freed slot may be taken again this step
+        admitted = self.scheduler.admit()
+        if not admitted and not self._running:
+            return None
+        try:
+            stats = self._forwards(admitted, started)
+        except Exception as err:  # noqa: BLE001 - the step's requests fail; the engine goes on
+            for run in list(self._running):
+                self._end(run, RequestStatus.FAILED, err)
+            self.kv.keep([])
+            return None
+        if self.on_step is not None:
+            self.on_step(stats)
+        return stats
 
     def _retire_stopped(self, now: float) -> None:
         for run in list(self.scheduler.waiting) + self._running:
@@ -414,13 +347,6 @@ class TextEngine:
     @property
     def waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self._incoming)
-
-
-def _run_call(call: _Call) -> None:
-    try:
-        call.future.set_result(call.fn())
-    except BaseException as err:  # noqa: BLE001 - handed to the caller
-        call.future.set_exception(err)
 
 
 __all__ = ["EngineConfig", "StepStats", "TextEngine"]
