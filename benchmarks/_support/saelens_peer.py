@@ -1,0 +1,110 @@
+"""SAELens' side of steering_overhead.py: HookedSAETransformer steered greedy generation.
+
+Run with the python of a scratch venv holding sae-lens (and torch==2.13.0); it imports nothing
+from this project. The HF Llama checkpoint at ``--model`` is converted to a HookedTransformer
+(TransformerLens' own Llama config mapping and ``convert_llama_weights``, no weight processing, so
+``blocks.L.hook_resid_post`` is the HF decoder layer's output), the SAE directory ``--sae`` (a
+SAELens directory) is loaded with ``SAE.load_from_disk`` and attached with ``use_error_term=True``;
+the clamp is a hook on ``hook_sae_acts_post`` setting ``--latents`` to ``--value``. Both cases
+generate ``--new-tokens`` greedy tokens from ``--prompt-ids`` with the KV cache, EOS ignored.
+
+Prints one JSON line: median wall and CPU seconds of the unsteered model and of the steered one
+(alternated, after a warm-up), their tokens, the max |logit diff| against the HF model on the
+prompt, and the sae-lens version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from importlib.metadata import version
+
+import torch
+
+
+def hooked_llama(hf_model, cls):
+    """A ``cls`` (HookedSAETransformer) with the HF Llama's weights, config mapped as TransformerLens does."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    c = hf_model.config
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings,
+        eps=c.rms_norm_eps, d_vocab=c.vocab_size, act_fn=c.hidden_act,
+        n_key_value_heads=c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None,
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+        rotary_dim=c.hidden_size // c.num_attention_heads, rotary_base=10000.0, final_rms=True, gated_mlp=True,
+        original_architecture="LlamaForCausalLM", default_prepend_bos=False, device="cpu", dtype=torch.float32,
+    )
+    model = cls(cfg)
+    model.load_and_process_state_dict(convert_llama_weights(hf_model, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sae", required=True)
+    ap.add_argument("--prompt-ids", required=True, help="JSON list of token ids")
+    ap.add_argument("--latents", required=True, help="JSON list of latent indices to clamp")
+    ap.add_argument("--value", type=float, required=True)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from sae_lens import SAE, HookedSAETransformer
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = hooked_llama(hf, HookedSAETransformer)
+    sae = SAE.load_from_disk(args.sae)
+    hook = sae.cfg.metadata.hook_name
+    latents = torch.tensor(json.loads(args.latents))
+    prompt = torch.tensor([json.loads(args.prompt_ids)])
+    with torch.no_grad():
+        logit_diff = float((model(prompt) - hf(prompt).logits).abs().max())
+
+    def clamp(acts: torch.Tensor, hook=None) -> torch.Tensor:
+        acts[..., latents] = args.value
+        return acts
+
+    def generate(steered: bool) -> tuple[float, float, list[int]]:
+        gc.collect()
+        w0, c0 = time.perf_counter(), time.process_time()
+        kw = dict(max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False)
+        if steered:
+            with model.saes(saes=[sae], use_error_term=True):
+                with model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
+                    out = model.generate(prompt, **kw)
+        else:
+            out = model.generate(prompt, **kw)
+        return time.perf_counter() - w0, time.process_time() - c0, out[0, prompt.shape[1]:].tolist()
+
+    generate(False), generate(True)  # warm-up
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    tokens: dict[bool, list[int]] = {}
+    for rep in range(args.repeats):
+        for steered in (False, True) if rep % 2 == 0 else (True, False):
+            w, c, toks = generate(steered)
+            times[steered].append((w, c))
+            tokens[steered] = toks
+    med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+    print(json.dumps({
+        "sae_lens_version": version("sae-lens"),
+        "unsteered_wall": med[False][0], "unsteered_cpu": med[False][1],
+        "steered_wall": med[True][0], "steered_cpu": med[True][1],
+        "unsteered_tokens": tokens[False], "steered_tokens": tokens[True],
+        "logit_max_diff": logit_diff,
+    }))
+
+
+if __name__ == "__main__":
+    main()
