@@ -104,10 +104,16 @@ def sample_inverse_cdf(logits: Tensor, uniforms: Tensor) -> Tensor:
 
 @dataclass
 class StepOutput:
-    """One decode step's selection: token ids (B,) and the reporting log-probs (B, V) float32."""
+    """One decode step's selection: token ids (B,) and ``scaled`` (B, V) float32, the logits after
+    penalties and temperature; :attr:`logprobs` (their log_softmax) is computed only when read."""
 
     tokens: Tensor
-    logprobs: Tensor
+    scaled: Tensor
+
+    @property
+    def logprobs(self) -> Tensor:
+        """The reporting log-probs (B, V) float32."""
+        return self.scaled.log_softmax(dim=-1)
 
 
 class SlotSampler:
@@ -157,9 +163,9 @@ class SlotSampler:
         frequency = self.frequency_penalty.index_select(0, idx)
         if bool((frequency != 0).any()):
             x = apply_frequency_penalty(x, self.counts.index_select(0, idx), frequency)
-        scaled = apply_temperature(x, temperature)
+        draw = (temperature > 0).nonzero().flatten().tolist()
+        scaled = apply_temperature(x, temperature) if draw else x  # all greedy: divided by 1, unchanged
         tokens = scaled.argmax(dim=-1)
-        draw = [i for i, s in enumerate(slots) if float(self.temperature[s]) > 0]
         if draw:
             truncated = truncate_top_p(truncate_top_k(scaled, self.top_k.index_select(0, idx)), self.top_p.index_select(0, idx))
             uniforms = torch.zeros(len(slots), dtype=torch.float32)
@@ -169,7 +175,7 @@ class SlotSampler:
             tokens = torch.where(temperature > 0, sampled, tokens)
         self.seen[idx, tokens] = True
         self.counts[idx, tokens] += 1
-        return StepOutput(tokens=tokens, logprobs=scaled.log_softmax(dim=-1))
+        return StepOutput(tokens=tokens, scaled=scaled)
 
 
 def top_logprobs(logprobs: Tensor, tokens: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
