@@ -15,10 +15,18 @@ from typing import Iterator
 from _support.serving import DEMO_CONFIG, _demo_model_entry, _standin
 
 
+def demo_engine_knobs() -> dict:
+    """The demo LM's ``engine:`` section of configs/demo.yaml (empty when it has none)."""
+    import yaml
+
+    entry = next(m for m in yaml.safe_load(DEMO_CONFIG.read_text())["models"] if m["name"] == "demo-lm")
+    return dict(entry.get("engine") or {})
+
+
 @contextmanager
 def demo_lm_spec() -> Iterator[tuple["ModelSpec", str]]:  # noqa: F821 - imported lazily
-    """(ModelSpec of the demo LM with its SAEs, risk probe and limits, a line saying which model)."""
-    from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
+    """(ModelSpec of the demo LM with its SAEs, risk probe, limits and engine knobs, a line saying which model)."""
+    from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         entry = _demo_model_entry()
@@ -32,5 +40,6 @@ def demo_lm_spec() -> Iterator[tuple["ModelSpec", str]]:  # noqa: F821 - importe
             saes=tuple(SaeSpec(s["name"], str(base / s["path"])) for s in entry.get("saes", ())),
             risk_probe=str(base / entry["risk_probe"]) if entry.get("risk_probe") else None,
             limits=Limits(**entry.get("limits", {})),
+            engine=EngineConfig(**demo_engine_knobs()),
         )
         yield spec, what
