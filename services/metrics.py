@@ -22,6 +22,7 @@ LOAD_S_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
 class IngressMetrics:
     requests: metrics.Counter
     latency_ms: metrics.Histogram
+    first_token_ms: metrics.Histogram
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ def ingress_metrics() -> IngressMetrics:
             description="End-to-end latency of Steering API requests at the ingress, in ms.",
             boundaries=LATENCY_MS_BUCKETS,
             tag_keys=("model", "method"),
+        ),
+        first_token_ms=metrics.Histogram(
+            "steering_time_to_first_token_ms",
+            description="GenerateStream: time from arrival at the ingress to the first token sent, in ms.",
+            boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("model",),
         ),
     )
 
