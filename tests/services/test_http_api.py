@@ -234,3 +234,21 @@ def test_openapi_document_lists_every_rpc_and_its_schemas_validate_real_response
     validator("steering.v1.GenerateResponse").validate(response)
     with pytest.raises(jsonschema.ValidationError):
         validator("steering.v1.GenerateRequest").validate({**body, "plan": {"edits": [{"op": "EDIT_OP_PAINT"}]}})
+
+
+def test_the_readme_curl_commands_run(service):
+    import shutil
+    import subprocess
+
+    from tests.services.test_readme import blocks, for_tests
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    (commands,) = [b for b in blocks("sh") if "curl" in b]
+    script = for_tests(commands, service.target).replace("localhost:8000", service.http_url.removeprefix("http://"))
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    generated, _ = json.JSONDecoder().raw_decode(done.stdout)  # the first command's response
+    assert generated["completion"]["text"] and generated["defaultCompletion"]["text"]
+    assert done.stdout.count("data: {") == 9  # the stream: 8 tokens, then the final response
+    assert '"openapi":' in done.stdout

@@ -6,6 +6,8 @@ checked against the same requests sent over gRPC."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 
 import grpc
 import openai
@@ -157,3 +159,14 @@ def test_errors_reach_the_openai_client_with_status_code_and_field(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=LM, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert caught.value.param == "messages[0].content[0].image_url.url"
+
+
+def test_the_readme_openai_snippet_runs(service):
+    from tests.services.test_readme import blocks, for_tests
+
+    (snippet,) = [b for b in blocks("python") if "openai.OpenAI" in b]
+    snippet = for_tests(snippet, service.target).replace("http://localhost:8000", service.http_url)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own README
+    assert "| unsteered:" in out.getvalue() and "| risk:" in out.getvalue(), out.getvalue()
