@@ -82,7 +82,7 @@ function selectModel(name) {
   state.last = {};
   $("model").value = name;
   const saes = model.saes || [];
-  $("model-info").textContent = `${model.description || ""} ${saes.map((s) => `${s.name}: ${s.width} latents at ${s.hookName}`).join("; ")}${model.hasRiskProbe ? "; risk probe" : ""}`;
+  $("model-info").textContent = $("model-info").title = `${model.description || ""} ${saes.map((s) => `${s.name}: ${s.width} latents at ${s.hookName}`).join("; ")}${model.hasRiskProbe ? "; risk probe" : ""}`;
   $("sae").innerHTML = "";
   for (const s of saes) $("sae").append(new Option(s.name, s.name));
   const image = model.kind === "sdxl_turbo";
