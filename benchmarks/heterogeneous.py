@@ -41,7 +41,7 @@ def main() -> None:
 
     from sae_runtime.backends.types import SamplingParams, TextRequest
     from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
-    from services.backend_factory import build_backend
+    from sae_runtime.backends.registry import build_backend
     from services.config import parse_config
 
     with demo_lm_setup() as setup:

@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from services import convert
-    from services.backend_factory import build_backend
+    from sae_runtime.backends.registry import build_backend
     from services.client import Generation, SteeringClient, edit
     from services.config import parse_config
 

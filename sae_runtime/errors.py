@@ -59,3 +59,9 @@ def require_finite(value: float, field: str) -> float:
     if v != v or v in (float("inf"), float("-inf")):
         raise InvalidArgument(f"must be a finite number, got {value!r}", field=field)
     return v
+
+
+class Cancelled(SaeRuntimeError):
+    """The caller cancelled the request (or went away) before it finished."""
+
+    status = "CANCELLED"

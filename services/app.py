@@ -33,7 +33,7 @@ def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -
     base = Path(base_dir)
     models = {
         m.name: ModelServer.options(**m.deployment_options()).bind(
-            m.to_spec(base), m.batching.model_dump(), m.resources.torch_threads, m.demo
+            m.to_spec(base), m.resources.torch_threads, m.demo
         )
         for m in config.models
     }

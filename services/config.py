@@ -1,6 +1,6 @@
 """The service's YAML config: a pydantic schema, loading, and the two things built from it.
 
-One file declares the models to serve (base model, SAEs, risk probe, limits, batching, resources,
+One file declares the models to serve (base model, SAEs, risk probe, limits, engine, resources,
 replicas), the gRPC and HTTP ports and an optional bearer token. From it come:
 
 - :meth:`ModelConfig.to_spec`: the ``sae_runtime`` :class:`ModelSpec` a backend is built from;
@@ -18,7 +18,7 @@ Example (configs/demo.yaml)::
         saes:
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
         risk_probe: ../models/demo-lm/risk
-        batching: {max_batch_size: 8, batch_wait_timeout_s: 0.0}
+        engine: {max_running_rows: 16}
         resources: {num_cpus: 1}
 """
 
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 
 #: The import path of the application builder, for Serve config files.
 APP_IMPORT_PATH = "services.app:build_app"
@@ -103,13 +103,14 @@ class LimitsEntry(_Strict):
     max_inference_steps: int = Field(Limits.max_inference_steps, ge=1)
 
 
-class BatchingEntry(_Strict):
-    """Batching per replica (services/batching.py): requests queued while the replica is busy, up to
-    ``max_batch_size``, share the next pass; a batch that is not full waits up to
-    ``batch_wait_timeout_s`` for company once the replica is free."""
+class EngineEntry(_Strict):
+    """The replica's engine (sae_runtime.engine): text rows decoding at once, prompt + decode tokens
+    per step, reserved KV tokens; image models run request-level batches of up to
+    ``max_running_rows`` requests."""
 
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
+    max_running_rows: int = Field(EngineConfig.max_running_rows, ge=1, le=256)
+    max_tokens_per_step: int = Field(EngineConfig.max_tokens_per_step, ge=1)
+    max_kv_tokens: int = Field(EngineConfig.max_kv_tokens, ge=1)
 
 
 class ResourcesEntry(_Strict):
@@ -147,7 +148,7 @@ class ModelConfig(_Located):
     saes: tuple[SaeEntry, ...] = ()
     risk_probe: str | None = None  # directory of a saved RiskProbe
     limits: LimitsEntry = LimitsEntry()
-    batching: BatchingEntry = BatchingEntry()
+    engine: EngineEntry = EngineEntry()
     resources: ResourcesEntry = ResourcesEntry()
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingEntry | None = None  # replaces num_replicas when set
@@ -176,13 +177,8 @@ class ModelConfig(_Located):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate SAE names: {', '.join(dupes)}")
-        if self.batching.max_batch_size > self.limits.max_batch_size:
-            raise ValueError(
-                f"batching.max_batch_size ({self.batching.max_batch_size}) exceeds limits.max_batch_size "
-                f"({self.limits.max_batch_size})"
-            )
-        if self.max_ongoing_requests < self.batching.max_batch_size:
-            raise ValueError("max_ongoing_requests must be >= batching.max_batch_size, or batches never fill")
+        if self.max_ongoing_requests < self.engine.max_running_rows:
+            raise ValueError("max_ongoing_requests must be >= engine.max_running_rows, or the running rows never fill")
         if self.device.startswith("cuda") and self.resources.num_gpus <= 0:
             raise ValueError("device 'cuda' needs resources.num_gpus > 0")
         return self
@@ -205,6 +201,7 @@ class ModelConfig(_Located):
             dtype=self.dtype,
             device=self.device,
             limits=Limits(**self.limits.model_dump()),
+            engine=EngineConfig(**self.engine.model_dump()),
         )
 
     def deployment_options(self) -> dict[str, Any]:

@@ -144,11 +144,7 @@ class SteeringIngress:
         try:
             self._authenticate(grpc_context)
             handle = self._handle(request.model).options(stream=True)
-            first = True
             async for message in handle.generate_stream.remote(request, started):
-                if first and message.HasField("token"):
-                    first = False
-                    self._metrics.first_token_ms.observe((time.time() - started) * 1e3, tags={"model": self._model_tag(request.model)})
                 yield message
             status = "OK"
         except Exception as exc:  # noqa: BLE001

@@ -86,7 +86,7 @@ def client(service):
 
 def _library_backend(service: Service, model: str):
     """``model`` loaded in the test process through the library: the independent code path."""
-    from services.backend_factory import build_backend
+    from sae_runtime.backends.registry import build_backend
     from services.config import load_config
 
     return build_backend(load_config(service.config_path).model(model).to_spec(service.config_path.parent))

@@ -3,16 +3,17 @@
 Usage::
 
     backend = CausalLmBackend.from_spec(ModelSpec(name="tiny", kind="causal_lm", path=dir, saes=...))
-    request = backend.validate(TextRequest(prompt="the cat", plan=plan, sampling=SamplingParams(...)))
-    [result] = backend.generate([request])
-    for event in backend.stream(request): ...
+    prepared = backend.validate(TextRequest(prompt="the cat", plan=plan, sampling=SamplingParams(...)))
+    [result] = backend.generate([prepared])         # or raw TextRequests: validated here
+    for event in backend.stream(prepared): ...
 
-One ``generate`` call runs its requests as ONE batch: a left-padded prefill, then one KV-cached
-decode step per token for every row (:mod:`.lm_loop`). Each row's plan is applied by a
-SteeringContext at the positions its scope names (``prompt`` = prefill positions, ``generated`` =
-decode positions); each row samples with its own generator (:mod:`.sampling`), so a row's tokens
-do not depend on its batch mates. ``include_default`` adds the unsteered twin of a request (no
-edits, same prompt, sampling parameters and seed) as one more row of the same batch.
+Generation runs on the backend's :class:`~sae_runtime.engine.TextEngine`: requests are
+continuously batched, each row steered by its own plan at the positions its scope names
+(``prompt`` = prefill positions, ``generated`` = decode positions) and sampled with its own
+generator, so a request's tokens do not depend on what shares its steps. ``include_default``
+adds the unsteered twin of a request (no edits, same prompt, sampling parameters and seed) as
+one more row. The model replica runs the engine's step loop on a thread
+(``backend.engine.start()``); without it, ``generate`` and ``stream`` step it in the caller's thread.
 
 Readouts (``request.readout``) give per prompt position and per generated token the top-k
 latents of the named SAEs before/after the edits, and per sequence the pooled latents (see
@@ -27,48 +28,32 @@ after repetition/frequency penalties and temperature (0 counted as 1), before to
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from sae_runtime.backends.completion import eos_ids_of
-from sae_runtime.backends.lm_loop import LoopState, RowSpec, decode_loop
 from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
-from sae_runtime.backends.sampling import new_generator
-from sae_runtime.backends.spec import Limits, ModelSpec
+from sae_runtime.backends.lm_validation import check_encode, prepare_text, prompt_token_ids
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec
 from sae_runtime.backends.types import (
     Backend,
-    Completion,
     EncodeRequest,
     EncodeResult,
-    GeneratedToken,
     ImageRequest,
     ModelInfo,
     SaeInfo,
     StreamEvent,
     TextRequest,
     TextResult,
-    Timings,
 )
-from sae_runtime.backends.lm_validation import check_encode, check_text_request, prompt_token_ids
-from sae_runtime.errors import InvalidArgument, TooLarge
-from sae_runtime.plan import InterventionPlan, ReadoutSpec
+from sae_runtime.engine import PreparedText, TextEngine
+from sae_runtime.errors import InvalidArgument
+from sae_runtime.plan import ReadoutSpec
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
-
-
-@dataclass
-class _Row:
-    """A batch row: which request it answers and whether it is the unsteered twin."""
-
-    request: int
-    default: bool
-    spec: RowSpec
-    plan: InterventionPlan | None
 
 
 class CausalLmBackend(Backend):
@@ -87,6 +72,7 @@ class CausalLmBackend(Backend):
         description: str = "",
         limits: Limits = Limits(),
         version: str = "",
+        engine: EngineConfig = EngineConfig(),
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -114,6 +100,12 @@ class CausalLmBackend(Backend):
         self.eos_ids = eos_ids_of(model.config, getattr(model, "generation_config", None), tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+        self.engine = self._new_engine(engine)
+
+    def _new_engine(self, config: EngineConfig, plugin: Any = None, vision_saes: Sequence[str] = ()) -> TextEngine:
+        return TextEngine(self.model, self.tokenizer, self.attached, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                          vocab_size=self.vocab_size, labels=self.labels, risk_probe=self.risk_probe, config=config,
+                          plugin=plugin, vision_saes=vision_saes)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -138,7 +130,8 @@ class CausalLmBackend(Backend):
             from sae_runtime.risk import RiskProbe
 
             probe = RiskProbe.load(spec.risk_probe)
-        backend = cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description, limits=spec.limits)
+        backend = cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description,
+                      limits=spec.limits, engine=spec.engine)
         backend.load_timings = load_timings
         return backend
 
@@ -157,93 +150,46 @@ class CausalLmBackend(Backend):
         )
 
     # -- validation --------------------------------------------------------------------------
-    def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> TextRequest | EncodeRequest:
-        """Check a request against the model's limits, SAEs and tokenizer; labels are resolved in
-        the returned request's plan. Errors name the field (``sampling.top_p``, ``plan.edits[0].latents``)."""
+    def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> PreparedText | EncodeRequest:
+        """Check a request against the model's limits, SAEs and tokenizer, once: a text request
+        comes back as the engine's PreparedText (token ids, plan with labels resolved, seed).
+        Errors name the field (``sampling.top_p``, ``plan.edits[0].latents``)."""
         if isinstance(request, EncodeRequest):
             check_encode(self, request, field_prefix)
             return request
         if not isinstance(request, TextRequest):
-            raise InvalidArgument(f"causal_lm generates text, got a {type(request).__name__}", field=field_prefix.rstrip(".") or None)
-        return check_text_request(self, request, field_prefix)
+            raise InvalidArgument(f"{self.kind} generates text, got a {type(request).__name__}", field=field_prefix.rstrip(".") or None)
+        return prepare_text(self, request, field_prefix)
+
+    def prepare(self, requests: Sequence[TextRequest | PreparedText]) -> list[PreparedText]:
+        """Prepared requests, validating those not prepared yet (errors name ``requests[i]`` in a batch)."""
+        many = len(requests) > 1
+        return [r if isinstance(r, PreparedText) else self.validate(r, f"requests[{i}]." if many else "")  # type: ignore[misc]
+                for i, r in enumerate(requests)]
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, requests: Sequence[TextRequest]) -> list[TextResult]:
-        """Generate for the requests, ``limits.max_batch_size`` of them per batched pass.
+    def generate(self, requests: Sequence[TextRequest | PreparedText]) -> list[TextResult]:
+        """Results for ``requests``, in order. Every request is validated before anything runs, so
+        an error names its request (``requests[2].sampling.top_p``). All are submitted at once
+        and share engine steps; rows are isolated, so how they are batched changes no result."""
+        return self.engine.generate(self.prepare(requests)) if requests else []
 
-        Every request is validated first (again: cheap and idempotent), so an error names its
-        request (``requests[2].sampling.top_p``) before anything runs. Rows are isolated, so how
-        requests are split into passes does not change any result.
-        """
-        if not requests:
-            return []
-        for i, r in enumerate(requests):
-            self.validate(r, f"requests[{i}]." if len(requests) > 1 else "")
-        limit = max(1, self.limits.max_batch_size)
-        results: list[TextResult] = []
-        for start in range(0, len(requests), limit):
-            run = self._run(requests[start : start + limit])
-            state = None
-            for state in run.loop:
-                pass
-            results.extend(run.results(state))
-        return results
-
-    def stream(self, request: TextRequest) -> Iterator[StreamEvent]:
-        """Yield one StreamEvent per generated token of the steered row (with the running risk when
-        the model has a probe), then a final event whose ``result`` is the full TextResult, equal to
-        ``generate([request])[0]`` (token latents and risk are attached once the token itself has run
-        through the model, i.e. one decode step after it was sampled)."""
-        events = self.stream_many([request])
-        try:
-            for _, event in events:
-                yield event
-        finally:
-            events.close()
-
-    def stream_many(self, requests: Sequence[TextRequest], streaming: Sequence[bool] | None = None) -> Iterator[tuple[int, StreamEvent]]:
-        """Generate for ``requests`` in ONE batched pass, yielding ``(request index, StreamEvent)``.
-
-        Requests flagged in ``streaming`` (default: all) get their token events as :meth:`stream`
-        gives them, interleaved step by step; when the pass ends every request gets its final event
-        (``result`` = what :meth:`generate` returns for it), in request order. At most
-        ``limits.max_batch_size`` requests.
-        """
-        run = self._run(requests)
-        flags = [True] * len(requests) if streaming is None else list(streaming)
-        if len(flags) != len(requests):
-            raise ValueError(f"{len(flags)} streaming flags for {len(requests)} requests")
-        steered = run.steered_rows()
-        sent = [0] * len(requests)
-        try:
-            state = None
-            for state in run.loop:
-                fresh = [i for i in range(len(requests)) if flags[i] and state.rows[steered[i]].ready > sent[i]]
-                if not fresh:
-                    continue
-                risks = run._risks([steered[i] for i in fresh], final=True) if self.risk_probe is not None else [None] * len(fresh)
-                for i, risk in zip(fresh, risks):
-                    ready = state.rows[steered[i]].ready
-                    for tok in run.tokens(state, steered[i], start=sent[i], upto=ready):
-                        yield i, StreamEvent(token=tok, risk=None if risk is None else risk.probability)
-                    sent[i] = ready
-            for i, result in enumerate(run.results(state)):
-                yield i, StreamEvent(token=None, result=result)
-        finally:
-            run.loop.close()  # detach the hooks now, also when the consumer stops early (run <-> loop is a cycle)
-
-    def _run(self, requests: Sequence[TextRequest]) -> "_BatchRun":
-        """One batched pass over at most ``limits.max_batch_size`` requests."""
-        if len(requests) > self.limits.max_batch_size:
-            raise TooLarge(f"{len(requests)} requests exceed the batch limit of {self.limits.max_batch_size}", field="requests")
-        checked = [check_text_request(self, r, f"requests[{i}]." if len(requests) > 1 else "") for i, r in enumerate(requests)]
-        return _BatchRun(self, checked)
+    def stream(self, request: TextRequest | PreparedText) -> Iterator[StreamEvent]:
+        """One StreamEvent per generated token of the steered row (with the running risk when the
+        model has a probe), then a final event whose ``result`` equals ``generate([request])[0]``
+        (a token's latents and risk are attached once the token itself has run through the model,
+        i.e. one step after it was sampled)."""
+        return self.engine.stream(self.prepare([request])[0])
 
     # -- encoding ----------------------------------------------------------------------------
     def encode(self, request: EncodeRequest) -> EncodeResult:
         """Top latents of ``request.saes`` at every position of ``request.text`` (no generation), the
-        pooled latents, and the probe's prompt-head risk when the model has a probe."""
+        pooled latents, and the probe's prompt-head risk when the model has a probe. Runs on the
+        engine thread between steps (the engine's hooks share the model's modules)."""
         check_encode(self, request)
+        return self.engine.call(lambda: self._encode(request)).result()
+
+    def _encode(self, request: EncodeRequest) -> EncodeResult:
         ids = prompt_token_ids(self, request.text, (), "text")
         names = list(request.saes)
         probe_saes = [n for n, _ in self.risk_probe.layout.saes] if self.risk_probe is not None else []
@@ -270,121 +216,6 @@ class CausalLmBackend(Backend):
             pooled=pooled_latents(readout, names, request.top_k, self.labels),
             risk=risk,
         )
-
-
-class _BatchRun:
-    """One batched generation: rows, steering context, the running loop, and result assembly."""
-
-    def __init__(self, backend: CausalLmBackend, requests: Sequence[TextRequest]) -> None:
-        self.backend = backend
-        self.requests = list(requests)
-        self.started = time.perf_counter()
-        probe = backend.risk_probe
-        self.probe_saes = [n for n, _ in probe.layout.saes] if probe is not None else []
-        self.rows: list[_Row] = []
-        for i, req in enumerate(self.requests):
-            ids = prompt_token_ids(backend, req.prompt, req.messages, "prompt")
-            gen, seed = new_generator(req.sampling.seed)
-            reads = bool(req.readout and req.readout.saes) or probe is not None
-            plan = req.plan
-            if req.mitigate_risk_top_n > 0:
-                from sae_runtime.risk import mitigation_edits
-
-                plan = replace(plan, edits=plan.edits + mitigation_edits(probe, req.mitigate_risk_top_n))
-            self.rows.append(_Row(i, False, RowSpec(ids, req.sampling, gen, req.logprobs, reads), plan))
-            if req.include_default:
-                twin, _ = new_generator(seed)
-                self.rows.append(_Row(i, True, RowSpec(list(ids), req.sampling, twin, req.logprobs, reads), None))
-        read = [s for r in self.requests if r.readout for s in r.readout.saes] + self.probe_saes
-        read = list(dict.fromkeys(read))
-        top_k = max([r.readout.top_k for r in self.requests if r.readout] or [1])
-        self.ctx = SteeringContext(backend.model, backend.attached, [r.plan for r in self.rows], ReadoutSpec(tuple(read), top_k) if read else None)
-        self._readouts: list[dict] | None = None
-        self._readouts_at = -1
-        self.state: LoopState | None = None
-        self.loop = self._loop()
-
-    def _loop(self) -> Iterator[LoopState]:
-        b = self.backend
-        with self.ctx:  # hooks only: decode_loop sets grad mode per forward (thread-safe resumption)
-            for state in decode_loop(b.model, b.tokenizer, [r.spec for r in self.rows], steering=self.ctx,
-                                     eos_ids=b.eos_ids, pad_id=b.pad_id, vocab_size=b.vocab_size):
-                self.state = state
-                yield state
-
-    def steered_rows(self) -> list[int]:
-        """Per request, the index of its steered row (its unsteered twin, if any, is another row)."""
-        return [next(j for j, r in enumerate(self.rows) if r.request == i and not r.default) for i in range(len(self.requests))]
-
-    # -- readouts ------------------------------------------------------------------------------
-    def readouts(self) -> list[dict]:
-        """Per row: {sae: SaeReadout}, refreshed once per forward."""
-        forwards = self.state.forwards if self.state is not None else 0
-        if self._readouts is None or self._readouts_at != forwards:
-            self._readouts = self.ctx.readouts() if self.ctx.readout is not None else [{} for _ in self.rows]
-            self._readouts_at = forwards
-        return self._readouts
-
-    def tokens(self, state: LoopState, row: int, start: int = 0, upto: int | None = None) -> list[GeneratedToken]:
-        """GeneratedTokens ``start .. upto-1`` of ``row``, with latents when the request reads any."""
-        records = state.rows[row].text.records
-        upto = len(records) if upto is None else upto
-        req = self.requests[self.rows[row].request]
-        latents: list[tuple] = []
-        if req.readout and req.readout.saes:
-            latents = position_latents(self.readouts()[row], "decode", req.readout.saes, req.readout.top_k, self.backend.labels,
-                                       count=upto, start=start)
-        return [
-            GeneratedToken(id=r.id, text=r.text, logprob=r.logprob, top_logprobs=r.top_logprobs,
-                           latents=latents[j] if j < len(latents) else ())
-            for j, r in enumerate(records[start:upto])
-        ]
-
-    def _risks(self, rows: Sequence[int], final: bool) -> list[Any]:
-        """Risk scores of plan ``rows`` (the final head, or the prompt head), one vectorised pass."""
-        b = self.backend
-        d_sae = {n: b.saes[n].d_sae for n in self.probe_saes}
-        pools = [risk_pools(self.readouts()[row], self.probe_saes, d_sae, with_generated=final) for row in rows]
-        return b.risk_probe.score_many(pools, "final" if final else "prompt")
-
-    def _risk(self, row: int, final: bool) -> Any:
-        return self._risks([row], final)[0]
-
-    def running_risk(self, row: int) -> float:
-        """The final head's probability on the prompt and the tokens generated so far."""
-        return self._risk(row, final=True).probability
-
-    # -- results -------------------------------------------------------------------------------
-    def results(self, state: LoopState) -> list[TextResult]:
-        compute_ms = (time.perf_counter() - self.started) * 1000.0
-        out: list[TextResult] = []
-        steered_rows = self.steered_rows()
-        has_probe = self.backend.risk_probe is not None
-        risk_prompt = self._risks(steered_rows, final=False) if has_probe else [None] * len(steered_rows)
-        risk_final = self._risks(steered_rows, final=True) if has_probe else [None] * len(steered_rows)
-        for i, req in enumerate(self.requests):
-            steered = steered_rows[i]
-            default = next((j for j, r in enumerate(self.rows) if r.request == i and r.default), None)
-            prompt_latents: tuple = ()
-            pooled: tuple = ()
-            if req.readout and req.readout.saes:
-                readout = self.readouts()[steered]
-                prompt_latents = tuple(position_latents(readout, "prefill", req.readout.saes, req.readout.top_k, self.backend.labels))
-                pooled = pooled_latents(readout, req.readout.saes, req.readout.top_k, self.backend.labels)
-            out.append(TextResult(
-                steered=self._completion(state, steered),
-                default=None if default is None else self._completion(state, default),
-                prompt_latents=prompt_latents,
-                pooled=pooled,
-                risk_prompt=risk_prompt[i],
-                risk_final=risk_final[i],
-                timings=Timings(compute_ms=compute_ms),
-            ))
-        return out
-
-    def _completion(self, state: LoopState, row: int) -> Completion:
-        text = state.rows[row].text
-        return Completion(text=text.text, tokens=tuple(self.tokens(state, row)), finish_reason=text.finish_reason or "length")
 
 
 __all__ = ["CausalLmBackend"]

@@ -9,8 +9,9 @@ when the row is finished:
   completed the stop string;
 - ``length``: ``max_new_tokens`` tokens were generated.
 
-Token texts are decoded incrementally so that joining them gives the decoded text, even when a
-tokenizer merges or strips characters across token boundaries.
+Token texts are decoded incrementally, each from a window of the last few ids (O(1) per token),
+so that joining them gives the decoded text, even when a tokenizer merges or strips characters
+across token boundaries; bytes of an unfinished UTF-8 character wait for the token completing it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class RowText:
     decoded: str = ""
     finish_reason: str | None = None
     stop_at: int | None = None  # character offset where a stop string begins
+    # Incremental detokenisation (vLLM's scheme): text is decoded over a short window of ids,
+    # ids[prefix:], and the new piece is what that window adds beyond ids[prefix:read].
+    _prefix: int = 0
+    _read: int = 0
 
     @property
     def done(self) -> bool:
@@ -52,6 +57,17 @@ class RowText:
         """The completion text, cut before the stop string if one was hit."""
         return self.decoded if self.stop_at is None else self.decoded[: self.stop_at]
 
+    def _next_piece(self) -> str:
+        """The text the newest id adds, decoding only the ids since the last emitted piece."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        shown = decode(self.ids[self._prefix:self._read])
+        window = decode(self.ids[self._prefix:])
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next id
+            return ""
+        piece = window[len(shown):] if window.startswith(shown) else decode(self.ids[-1:])
+        self._prefix, self._read = self._read, len(self.ids)
+        return piece
+
     def push(self, token_id: int, logprob: float | None = None, top: tuple[tuple[str, float], ...] = ()) -> TokenRecord | None:
         """Add one generated id; returns its record, or None for an end-of-sequence id."""
         if self.done:
@@ -60,12 +76,8 @@ class RowText:
             self.finish_reason = "eos"
             return None
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.startswith(self.decoded):
-            piece = full[len(self.decoded) :]
-        else:  # the tokenizer rewrote earlier text (rare byte-fallback merges): keep what we showed
-            piece = self.tokenizer.decode([token_id], skip_special_tokens=True)
-            full = self.decoded + piece
+        piece = self._next_piece()
+        full = self.decoded + piece
         searched_from = max(0, len(self.decoded) - max((len(s) for s in self.stop), default=0))
         self.decoded = full
         record = TokenRecord(id=token_id, text=piece, logprob=logprob, top_logprobs=top)

@@ -1,9 +1,10 @@
 """LLaVA backend: LlavaForConditionalGeneration (llava-hf layout) with SAEs on vision-encoder and
 language-model layers, generating under per-request plans.
 
-It is the causal-LM backend with a prefill that also runs the image: the same batched, KV-cached
-decode loop (:mod:`.lm_loop`), sampler, readouts, risk scores and result assembly
-(:mod:`.causal_lm`), plus:
+It is the causal-LM backend on the same text engine (:mod:`sae_runtime.engine`), with the image
+as a modality plug-in: a row's image is run through the vision tower and projector when the row
+is admitted (vision-SAE edits applied per row, by slot), and its features enter that row's
+prefill (``mm_encoder_outputs``); text and image rows share the running batch. Plus:
 
 - images arrive as PNG/JPEG bytes (``TextRequest.image``), decoded with Pillow
   (:func:`.images.decode_image`: malformed bytes are InvalidArgument on ``image``, oversized ones
@@ -26,21 +27,21 @@ decode loop (:mod:`.lm_loop`), sampler, readouts, risk scores and result assembl
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sae_runtime.backends.causal_lm import CausalLmBackend, _BatchRun, _Row
+from sae_runtime.backends.causal_lm import CausalLmBackend
 from sae_runtime.backends.images import decode_image
-from sae_runtime.backends.lm_loop import RowSpec, decode_loop
 from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
-from sae_runtime.backends.lm_validation import check_encode, check_text_request
-from sae_runtime.backends.sampling import new_generator
-from sae_runtime.backends.spec import Limits, ModelSpec
+from sae_runtime.backends.lm_validation import check_encode, check_text_request, prepared_from
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec
 from sae_runtime.backends.types import EncodeRequest, EncodeResult, ImageRequest, TextRequest
+from sae_runtime.engine import PreparedText
+from sae_runtime.engine.plans import PlanTable
+from sae_runtime.engine.request import SequenceRun
 from sae_runtime.errors import InvalidArgument, TooLarge
 from sae_runtime.plan import ReadoutSpec
 from sae_runtime.saes.base import Sae
@@ -64,6 +65,7 @@ class LlavaBackend(CausalLmBackend):
         description: str = "",
         limits: Limits = Limits(),
         version: str = "",
+        engine: EngineConfig = EngineConfig(),
     ) -> None:
         sites: dict[str, HookSite] = {}
         for sae_name, sae in saes.items():
@@ -89,6 +91,8 @@ class LlavaBackend(CausalLmBackend):
         self.risk_probe = risk_probe
         self.labels = LabelIndex({n: s.labels for n, s in self.saes.items()})
         self.image_token = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.engine = self._new_engine(engine, _VisionPlugin(model), self.vision_saes)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "LlavaBackend":
@@ -110,13 +114,14 @@ class LlavaBackend(CausalLmBackend):
 
             probe = RiskProbe.load(spec.risk_probe)
         backend = cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
-                      description=spec.description, limits=spec.limits)
+                      description=spec.description, limits=spec.limits, engine=spec.engine)
         backend.load_timings = load_timings
         return backend
 
     # -- validation --------------------------------------------------------------------------
-    def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> TextRequest | EncodeRequest:
-        """As the causal LM, plus the image: decoded once here so bad bytes fail before batching."""
+    def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> PreparedText | EncodeRequest:
+        """As the causal LM, plus the image: decoded and run through the processor once, here, so
+        bad bytes fail before the engine and the engine gets the pixel values."""
         p = field_prefix
         if isinstance(request, EncodeRequest):
             check_encode(self, replace(request, image=None, text=request.text or " "), p)
@@ -129,7 +134,6 @@ class LlavaBackend(CausalLmBackend):
         if not isinstance(request, TextRequest):
             raise InvalidArgument(f"llava generates text, got a {type(request).__name__}", field=p.rstrip(".") or None)
         if request.messages:
-            # Rendered here (the chat template may live on the processor, not the tokenizer).
             if request.prompt:
                 raise InvalidArgument("give either prompt or messages, not both", field=f"{p}messages")
             for n, m in enumerate(request.messages):
@@ -137,20 +141,16 @@ class LlavaBackend(CausalLmBackend):
                     raise InvalidArgument("role must be a non-empty string", field=f"{p}messages[{n}].role")
                 if not isinstance(m.content, str):
                     raise InvalidArgument("content must be a string", field=f"{p}messages[{n}].content")
-            text, _ = self.prompt_text(request)
-            checked = check_text_request(self, replace(request, prompt=text, messages=(), image=None), p)
-            checked = replace(checked, prompt=request.prompt, messages=request.messages)
-        else:
-            checked = check_text_request(self, replace(request, image=None), p)
+        elif not isinstance(request.prompt, str) or not request.prompt:
+            raise InvalidArgument("empty prompt (give prompt or messages)", field=f"{p}prompt")
         self._check_image_tokens([request.prompt] + [m.content for m in request.messages], request.image is not None, p)
-        if request.image is None:
-            return checked
-        self._decode(request.image, f"{p}image")
-        ids, _ = self.prompt_inputs(replace(checked, image=request.image), f"{p}image")
-        if self.max_positions is not None and len(ids) + checked.sampling.max_new_tokens > self.max_positions:
-            raise TooLarge(f"{len(ids)} prompt tokens (image included) + {checked.sampling.max_new_tokens} new tokens exceed "
-                           f"the model's {self.max_positions} positions", field=f"{p}sampling.max_new_tokens")
-        return replace(checked, image=request.image)
+        text_field = f"{p}messages" if request.messages else f"{p}prompt"
+        ids, pixels = self.prompt_inputs(request, f"{p}image")
+        n_text = sum(1 for i in ids if i != self.image_token_id)
+        if n_text > self.limits.max_prompt_tokens:
+            raise TooLarge(f"{n_text} prompt tokens exceed the limit of {self.limits.max_prompt_tokens}", field=text_field)
+        checked = check_text_request(self, replace(request, image=None), ids, p)
+        return prepared_from(self, replace(checked, image=request.image), ids, p, pixels)
 
     def _check_image_tokens(self, texts: list[str], has_image: bool, p: str, text_field: str = "prompt") -> None:
         """One image per request: the text may hold at most one image token, and only with an image."""
@@ -197,18 +197,14 @@ class LlavaBackend(CausalLmBackend):
         dtype = next(self.model.parameters()).dtype
         return enc["input_ids"][0].tolist(), enc["pixel_values"].to(dtype)
 
-    # -- generation --------------------------------------------------------------------------
-    def _run(self, requests: Sequence[TextRequest]) -> "_LlavaBatchRun":
-        if len(requests) > self.limits.max_batch_size:
-            raise TooLarge(f"{len(requests)} requests exceed the batch limit of {self.limits.max_batch_size}", field="requests")
-        checked = [self.validate(r, f"requests[{i}]." if len(requests) > 1 else "") for i, r in enumerate(requests)]
-        return _LlavaBatchRun(self, checked)  # type: ignore[arg-type]
-
     # -- encoding ----------------------------------------------------------------------------
     def encode(self, request: EncodeRequest) -> EncodeResult:
         """Latents of ``request.saes`` for a text and/or image without generating: text SAEs per
         prompt token (image tokens included), vision SAEs per vision position in ``vision_latents``."""
         self.validate(request)
+        return self.engine.call(lambda: self._encode_checked(request)).result()
+
+    def _encode_checked(self, request: EncodeRequest) -> EncodeResult:
         req = TextRequest(prompt=request.text, image=request.image)
         ids, pixels = self.prompt_inputs(req)
         names = list(request.saes) or list(self.saes)
@@ -239,107 +235,34 @@ class LlavaBackend(CausalLmBackend):
         )
 
 
-class _WithPixels(nn.Module):
-    """The LLaVA model seen by the decode loop: its first forward (the prefill) also gets the images."""
+class _VisionPlugin:
+    """The image modality of the text engine: encode admitted rows' images, feed their prefill."""
 
-    def __init__(self, model: nn.Module, pixel_values: Tensor | None) -> None:
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self._pixels = pixel_values
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: Any = None, use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> Any:
-        extra = {}
-        if self._pixels is not None:
-            extra["pixel_values"] = self._pixels.to(input_ids.device)
-            self._pixels = None
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
+    def admit(self, rows: Sequence[tuple[SequenceRun, PreparedText]], plans: PlanTable) -> None:
+        """One vision forward for the admitted rows with images, each under its own slot's edits."""
+        with_image = [(seq, p) for seq, p in rows if p.pixel_values is not None]
+        if not with_image:
+            return
+        device = next(self.model.parameters()).device
+        pixels = torch.cat([p.pixel_values for _, p in with_image]).to(device)
+        plans.context.set_phase("prefill", vision_rows=[seq.slot for seq, _ in with_image])
+        with torch.no_grad():
+            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        for (seq, _), f in zip(with_image, features):
+            seq.features = f
 
+    def prefill_inputs(self, rows: Sequence[SequenceRun]) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-class _VisionRowsSteering:
-    """Forwards the loop's phase calls to a SteeringContext, adding which plan row owns each image."""
-
-    def __init__(self, ctx: SteeringContext, vision_rows: Sequence[int] | None) -> None:
-        self.ctx, self.vision_rows = ctx, vision_rows
-
-    def prefill(self, valid: Tensor | None = None) -> None:
-        self.ctx.prefill(valid, vision_rows=self.vision_rows)
-
-    def decode(self, valid: Tensor | None = None) -> None:
-        self.ctx.decode(valid)
-
-
-class _LlavaBatchRun(_BatchRun):
-    """The causal LM's batch run with images: rows' pixel_values go into the prefill forward."""
-
-    def __init__(self, backend: LlavaBackend, requests: Sequence[TextRequest]) -> None:
-        self.backend = backend
-        self.started = time.perf_counter()
-        probe = backend.risk_probe
-        self.probe_saes = [n for n, _ in probe.layout.saes] if probe is not None else []
-        vision = set(backend.vision_saes)
-        self.full_readouts = [r.readout for r in requests]
-        # The parent's per-token results read only the language-model SAEs; vision ones are added in results().
-        self.requests = [
-            replace(r, readout=replace(r.readout, saes=tuple(s for s in r.readout.saes if s not in vision))) if r.readout else r
-            for r in requests
-        ]
-        self.rows: list[_Row] = []
-        pixels: list[Tensor] = []
-        vision_rows: list[int] = []
-        for i, req in enumerate(requests):
-            ids, pix = backend.prompt_inputs(req)
-            gen, seed = new_generator(req.sampling.seed)
-            reads = bool(req.readout and req.readout.saes) or probe is not None
-            plan = req.plan
-            if req.mitigate_risk_top_n > 0:
-                from sae_runtime.risk import mitigation_edits
-
-                plan = replace(plan, edits=plan.edits + mitigation_edits(probe, req.mitigate_risk_top_n))
-            twins = [(False, gen, plan)] + ([(True, new_generator(seed)[0], None)] if req.include_default else [])
-            for is_default, generator, row_plan in twins:
-                if pix is not None:
-                    pixels.append(pix)
-                    vision_rows.append(len(self.rows))
-                self.rows.append(_Row(i, is_default, RowSpec(list(ids), req.sampling, generator, req.logprobs, reads), row_plan))
-        self.pixel_values = torch.cat(pixels) if pixels else None
-        self.vision_rows = None if vision_rows == list(range(len(self.rows))) else vision_rows
-        read = [s for r in requests if r.readout for s in r.readout.saes] + self.probe_saes
-        read = list(dict.fromkeys(read))
-        top_k = max([r.readout.top_k for r in requests if r.readout] or [1])
-        self.ctx = SteeringContext(backend.model, backend.attached, [r.plan for r in self.rows], ReadoutSpec(tuple(read), top_k) if read else None)
-        self._readouts = None
-        self._readouts_at = -1
-        self.state = None
-        self.loop = self._loop()
-
-    def _loop(self) -> Iterator[Any]:
-        b = self.backend
-        model = _WithPixels(b.model, self.pixel_values)
-        steering = _VisionRowsSteering(self.ctx, self.vision_rows)
-        with self.ctx:  # hooks only: decode_loop sets grad mode per forward (thread-safe resumption)
-            for state in decode_loop(model, b.tokenizer, [r.spec for r in self.rows], steering=steering,
-                                     eos_ids=b.eos_ids, pad_id=b.pad_id, vocab_size=b.vocab_size):
-                self.state = state
-                yield state
-
-    def results(self, state: Any) -> list:
-        out = super().results(state)
-        b = self.backend
-        for i, full in enumerate(self.full_readouts):
-            if not full or not any(s in b.vision_saes for s in full.saes):
-                continue
-            steered = next(j for j, r in enumerate(self.rows) if r.request == i and not r.default)
-            readout = self.readouts()[steered]
-            vision = [s for s in full.saes if s in b.vision_saes]
-            out[i] = replace(
-                out[i],
-                vision_latents=tuple(position_latents(readout, "prefill", vision, full.top_k, b.labels)),
-                pooled=pooled_latents(readout, full.saes, full.top_k, b.labels),
-            )
-        return out
+        features = [r.features for r in rows if r.features is not None]
+        for r in rows:
+            r.features = None  # used once, by this prefill
+        if not features:
+            return {}
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
 
 
 __all__ = ["LlavaBackend"]

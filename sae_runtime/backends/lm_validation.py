@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
+from sae_runtime.backends.sampling import new_generator
 from sae_runtime.backends.types import ChatMessage, EncodeRequest, SamplingParams, TextRequest
+from sae_runtime.engine.request import PreparedText
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
 
 if TYPE_CHECKING:
@@ -84,12 +86,32 @@ def check_sampling(s: SamplingParams, limit: int, field: str) -> SamplingParams:
     return replace(s, temperature=temperature, top_p=top_p, repetition_penalty=repetition, frequency_penalty=frequency, stop=stop)
 
 
-def check_text_request(backend: "CausalLmBackend", request: TextRequest, field_prefix: str = "") -> TextRequest:
-    """Validate a TextRequest; returns it with the plan resolved (labels -> latent indices)."""
-    p = field_prefix
+def prepare_text(backend: "CausalLmBackend", request: TextRequest, field_prefix: str = "") -> PreparedText:
+    """Validate a TextRequest for a causal LM: the engine's one prepared request (tokenised once)."""
     if request.image is not None:
-        raise InvalidArgument("a causal LM takes no image", field=f"{p}image")
-    ids = prompt_token_ids(backend, request.prompt, request.messages, "prompt", p)
+        raise InvalidArgument("a causal LM takes no image", field=f"{field_prefix}image")
+    ids = prompt_token_ids(backend, request.prompt, request.messages, "prompt", field_prefix)
+    checked = check_text_request(backend, request, ids, field_prefix)
+    return prepared_from(backend, checked, ids, field_prefix)
+
+
+def prepared_from(backend: "CausalLmBackend", checked: TextRequest, ids: Sequence[int], field_prefix: str = "",
+                  pixel_values: Any = None) -> PreparedText:
+    """The PreparedText of a checked request: mitigation edits appended, seed drawn, engine fit checked."""
+    plan = checked.plan
+    if checked.mitigate_risk_top_n > 0:
+        from sae_runtime.risk import mitigation_edits
+
+        plan = replace(plan, edits=plan.edits + mitigation_edits(backend.risk_probe, checked.mitigate_risk_top_n))
+    prepared = PreparedText(checked, tuple(ids), plan, new_generator(checked.sampling.seed)[1], pixel_values)
+    backend.engine.config.check_fits(prepared.n_sequences, prepared.reserved_tokens, f"{field_prefix}sampling.max_new_tokens")
+    return prepared
+
+
+def check_text_request(backend: "CausalLmBackend", request: TextRequest, ids: Sequence[int], field_prefix: str = "") -> TextRequest:
+    """Validate a TextRequest whose prompt is ``ids``; returns it with the plan resolved (labels ->
+    latent indices) and its sampling parameters normalised."""
+    p = field_prefix
     sampling = check_sampling(request.sampling, backend.limits.max_new_tokens, f"{p}sampling")
     if backend.max_positions is not None and len(ids) + sampling.max_new_tokens > backend.max_positions:
         raise TooLarge(
@@ -121,4 +143,4 @@ def check_encode(backend: "CausalLmBackend", request: EncodeRequest, field_prefi
     prompt_token_ids(backend, request.text, (), "text", p)
 
 
-__all__ = ["MAX_LOGPROBS", "check_encode", "check_sampling", "check_text_request", "prompt_token_ids"]
+__all__ = ["MAX_LOGPROBS", "check_encode", "check_sampling", "check_text_request", "prepare_text", "prepared_from", "prompt_token_ids"]

@@ -15,7 +15,7 @@ Processing order (each step, for every row):
 4. top-k, then top-p (nucleus) truncation: removed tokens get ``-inf``;
 5. greedy rows take the argmax of the penalised logits; sampling rows draw by inverse CDF.
 
-Log-probs reported to users (:meth:`BatchSampler.step`) are ``log_softmax`` of the logits after
+Log-probs reported to users (:meth:`SlotSampler.step`) are ``log_softmax`` of the logits after
 steps 1-3 (penalties and temperature, temperature 0 counted as 1) and BEFORE top-k/top-p
 truncation, so every token has a finite log-prob.
 """
@@ -110,71 +110,66 @@ class StepOutput:
     logprobs: Tensor
 
 
-class BatchSampler:
-    """Selects the next token for every row of a batch, each row with its own SamplingParams.
+class SlotSampler:
+    """Selects the next token for the rows of a forward, each row with its own SamplingParams.
 
-    Keeps the per-row state the penalties need: ``seen`` (B, V) bool, tokens in the prompt or
-    generated so far, and ``counts`` (B, V), how often each token was generated.
+    State lives per *slot* (an engine slot holds one running sequence at a time): its parameters,
+    generator, and what the penalties need: ``seen`` (S, V) bool, tokens in the prompt or
+    generated so far, and ``counts`` (S, V), how often each token was generated. A forward's rows
+    name their slots, so rows may join and leave between steps without touching other rows' state.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator], prompt_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str = "cpu") -> None:
-        if not len(params) == len(generators) == len(prompt_ids):
-            raise ValueError("params, generators and prompt_ids must have one entry per row")
+    def __init__(self, n_slots: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.generators = list(generators)
         f32 = dict(dtype=torch.float32, device=self.device)
-        self.temperature = torch.tensor([p.temperature for p in params], **f32)
-        self.top_p = torch.tensor([p.top_p for p in params], **f32)
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
-        self.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
-        self.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], **f32)
-        self.sampling_rows = [i for i, p in enumerate(params) if p.temperature > 0]
-        rows = len(params)
-        self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=self.device)
-        for i, ids in enumerate(prompt_ids):
-            if ids:
-                self.seen[i, torch.as_tensor(list(ids), dtype=torch.long, device=self.device)] = True
-        self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=self.device)
-        self._use_repetition = bool((self.repetition_penalty != 1).any())
-        self._use_frequency = bool((self.frequency_penalty != 0).any())
+        self.generators: list[torch.Generator | None] = [None] * n_slots
+        self.temperature = torch.zeros(n_slots, **f32)
+        self.top_p = torch.ones(n_slots, **f32)
+        self.top_k = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.repetition_penalty = torch.ones(n_slots, **f32)
+        self.frequency_penalty = torch.zeros(n_slots, **f32)
+        self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(n_slots, vocab_size, dtype=torch.int32, device=self.device)
 
-    def processed_logits(self, logits: Tensor) -> Tensor:
-        """Logits (B, V) after penalties and temperature (steps 1-3), as float32."""
+    def assign(self, slot: int, params: SamplingParams, generator: torch.Generator, prompt_ids: Sequence[int]) -> None:
+        """Give ``slot`` to a new sequence: its parameters, generator and prompt (for the repetition penalty)."""
+        self.generators[slot] = generator
+        self.temperature[slot] = params.temperature
+        self.top_p[slot] = params.top_p
+        self.top_k[slot] = params.top_k
+        self.repetition_penalty[slot] = params.repetition_penalty
+        self.frequency_penalty[slot] = params.frequency_penalty
+        self.seen[slot] = False
+        self.counts[slot] = 0
+        if prompt_ids:
+            self.seen[slot, torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+
+    def step(self, logits: Tensor, slots: Sequence[int] | None = None) -> StepOutput:
+        """Pick one token for each row of last-position logits (B, V); ``slots[i]`` is row i's slot
+        (default 0..B-1). Each sampling row draws exactly one number from its own generator."""
+        slots = list(range(logits.shape[0])) if slots is None else list(slots)
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        temperature = self.temperature.index_select(0, idx)
         x = logits.float()
-        if self._use_repetition:
-            x = apply_repetition_penalty(x, self.seen, self.repetition_penalty)
-        if self._use_frequency:
-            x = apply_frequency_penalty(x, self.counts, self.frequency_penalty)
-        return apply_temperature(x, self.temperature)
-
-    def step(self, logits: Tensor, active: Sequence[bool] | None = None) -> StepOutput:
-        """Pick one token per row from last-position logits (B, V).
-
-        ``active[i]`` False marks a finished row: it draws no random number (its pick is
-        meaningless and ignored by the caller) and its penalty state is not updated.
-        """
-        rows = logits.shape[0]
-        active = [True] * rows if active is None else list(active)
-        scaled = self.processed_logits(logits)
-        greedy = scaled.argmax(dim=-1)
-        tokens = greedy
-        draw_rows = [i for i in self.sampling_rows if active[i]]
-        if draw_rows:
-            truncated = truncate_top_p(truncate_top_k(scaled, self.top_k), self.top_p)
-            uniforms = torch.zeros(rows, dtype=torch.float32)
-            for i in draw_rows:
-                uniforms[i] = torch.rand((), generator=self.generators[i])
+        repetition = self.repetition_penalty.index_select(0, idx)
+        if bool((repetition != 1).any()):
+            x = apply_repetition_penalty(x, self.seen.index_select(0, idx), repetition)
+        frequency = self.frequency_penalty.index_select(0, idx)
+        if bool((frequency != 0).any()):
+            x = apply_frequency_penalty(x, self.counts.index_select(0, idx), frequency)
+        scaled = apply_temperature(x, temperature)
+        tokens = scaled.argmax(dim=-1)
+        draw = [i for i, s in enumerate(slots) if float(self.temperature[s]) > 0]
+        if draw:
+            truncated = truncate_top_p(truncate_top_k(scaled, self.top_k.index_select(0, idx)), self.top_p.index_select(0, idx))
+            uniforms = torch.zeros(len(slots), dtype=torch.float32)
+            for i in draw:
+                uniforms[i] = torch.rand((), generator=self.generators[slots[i]])
             sampled = sample_inverse_cdf(truncated, uniforms.to(self.device))
-            tokens = torch.where(self.temperature > 0, sampled, greedy)
-        self._record(tokens, active)
+            tokens = torch.where(temperature > 0, sampled, tokens)
+        self.seen[idx, tokens] = True
+        self.counts[idx, tokens] += 1
         return StepOutput(tokens=tokens, logprobs=scaled.log_softmax(dim=-1))
-
-    def _record(self, tokens: Tensor, active: Sequence[bool]) -> None:
-        mask = torch.as_tensor(active, dtype=torch.bool, device=self.device)
-        rows = torch.arange(tokens.shape[0], device=self.device)[mask]
-        picked = tokens[mask]
-        self.seen[rows, picked] = True
-        self.counts[rows, picked] += 1
 
 
 def top_logprobs(logprobs: Tensor, tokens: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,7 +180,7 @@ def top_logprobs(logprobs: Tensor, tokens: Tensor, n: int) -> tuple[Tensor, Tens
 
 
 __all__ = [
-    "BatchSampler",
+    "SlotSampler",
     "StepOutput",
     "apply_frequency_penalty",
     "apply_repetition_penalty",

@@ -36,6 +36,39 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The text engine's knobs (see :mod:`sae_runtime.engine`). Defaults suit 2 CPU cores.
+
+    ``max_running_rows``: rows (sequences) decoding at once, the width of a decode forward.
+    ``max_tokens_per_step``: prompt tokens prefilled plus rows decoded in one step; a step with
+    nothing running admits at least one request whatever its length.
+    ``max_kv_tokens``: reserved KV positions (prompt + max_new_tokens per row) over running rows.
+    """
+
+    max_running_rows: int = 16
+    max_tokens_per_step: int = 2048
+    max_kv_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        from sae_runtime.errors import InvalidArgument
+
+        for name in ("max_running_rows", "max_tokens_per_step", "max_kv_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"must be an integer >= 1, got {value!r}", field=f"engine.{name}")
+
+    def check_fits(self, n_rows: int, reserved: int, field: str) -> None:
+        """TooLarge when a request could never be admitted, even alone."""
+        from sae_runtime.errors import TooLarge
+
+        if n_rows > self.max_running_rows:
+            raise TooLarge(f"{n_rows} rows exceed the engine's {self.max_running_rows} running rows", field=field)
+        if reserved > self.max_kv_tokens:
+            raise TooLarge(f"needs {reserved} KV tokens (prompt + max_new_tokens per row), over the engine's bound of "
+                           f"{self.max_kv_tokens}", field=field)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model to load: ``kind`` is causal_lm | llava | sdxl_turbo; ``path`` a directory or hub id."""
 
@@ -48,3 +81,4 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     limits: Limits = Limits()
+    engine: EngineConfig = EngineConfig()

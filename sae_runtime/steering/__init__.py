@@ -34,14 +34,14 @@ cfg_doubled)``; a CFG-doubled batch is [uncond rows, cond rows] (diffusers' orde
 
 from sae_runtime.steering.compile import CompiledEdits, compile_edits
 from sae_runtime.steering.context import PHASES, AttachedSae, SteeringContext, check_widths
-from sae_runtime.steering.readout import PhaseReadout, PooledStats, SaeReadout, TopLatents
+from sae_runtime.steering.readout import LatentPool, PhaseReadout, SaeReadout, TopLatents
 
 __all__ = [
     "PHASES",
     "AttachedSae",
     "CompiledEdits",
     "PhaseReadout",
-    "PooledStats",
+    "LatentPool",
     "SaeReadout",
     "SteeringContext",
     "TopLatents",

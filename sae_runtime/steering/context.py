@@ -14,7 +14,7 @@ from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope,
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
 from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
-from sae_runtime.steering.readout import ReadoutAccumulator, SaeReadout
+from sae_runtime.steering.readout import AccumulatingRecorder, ReadoutRecorder, SaeReadout
 
 PHASES = ("prefill", "decode", "denoise")
 
@@ -46,6 +46,11 @@ class SteeringContext:
     ``auto_phase`` (causal LM / LLaVA, e.g. under HF ``generate``): a pre-hook on ``model`` sets
     the phase of each call itself: ``prefill`` when the call has no (or an empty) KV cache, else
     ``decode``; the valid mask is the call's ``attention_mask`` (last T columns).
+
+    ``recorder``: where readouts go (default: an :class:`AccumulatingRecorder` over the plan rows,
+    read back with :meth:`readouts`). The engine passes its per-slot recorder, hooks every SAE
+    site (``hook_all``), and changes one row's plan at a time with :meth:`set_plan` and the SAEs
+    to read with :meth:`set_reads`.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class SteeringContext:
         readout: ReadoutSpec | None = None,
         *,
         auto_phase: bool = False,
+        recorder: ReadoutRecorder | None = None,
+        hook_all: bool = False,
     ) -> None:
         self.model = model
         self.auto_phase = auto_phase
@@ -63,27 +70,47 @@ class SteeringContext:
         self.plans = list(plans)
         self.n_rows = len(self.plans)
         for n, plan in enumerate(self.plans):
-            for edit in () if plan is None else plan.edits:
-                if edit.sae not in self.saes:
-                    raise NotFound(f"unknown SAE {edit.sae!r}", field=f"plans[{n}].sae")
+            self._check_plan(plan, f"plans[{n}].sae")
         self.readout = readout if readout is not None and readout.saes else None
         if self.readout is not None:
             self.readout.check({k: a.sae for k, a in self.saes.items()})
-        self.compiled = compile_edits(self.plans, {k: a.sae for k, a in self.saes.items()})
-        read = set(self.readout.saes) if self.readout else set()
-        self._read = read
-        # Sites to hook, each with its SAEs in the mapping's order.
-        self._by_site: dict[HookSite, list[str]] = {}
-        for name, att in self.saes.items():
-            if name in self.compiled or name in read:
-                self._by_site.setdefault(att.site, []).append(name)
+        self.recorder: ReadoutRecorder = recorder if recorder is not None else AccumulatingRecorder(
+            self.n_rows, self.readout.top_k if self.readout else 1)
+        self._read = set(self.readout.saes) if self.readout else set()
         self._handles: list = []
         self._groups: dict[tuple, list[EditGroup]] = {}
         self._restricted: dict[str, Sae | None] = {}
         self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
-        self._acc: dict[tuple[str, str], ReadoutAccumulator] = {}
-        self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None, Tensor | None]] = {}
+        self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None]] = {}
+        self._compile()
+        # Sites to hook, each with its SAEs in the mapping's order.
+        self._by_site: dict[HookSite, list[str]] = {}
+        for name, att in self.saes.items():
+            if hook_all or name in self.compiled or name in self._read:
+                self._by_site.setdefault(att.site, []).append(name)
         self.set_phase("prefill")
+
+    # -- plans and reads (the engine changes them per slot) -------------------------------------
+    def _check_plan(self, plan: InterventionPlan | None, field: str) -> None:
+        for edit in () if plan is None else plan.edits:
+            if edit.sae not in self.saes:
+                raise NotFound(f"unknown SAE {edit.sae!r}", field=field)
+
+    def _compile(self) -> None:
+        self.compiled = compile_edits(self.plans, {k: a.sae for k, a in self.saes.items()})
+        self._groups.clear()
+        self._restricted.clear()
+        self._weights.clear()
+
+    def set_plan(self, row: int, plan: InterventionPlan | None) -> None:
+        """Give plan row ``row`` a new (validated) plan; the edit tables are compiled again."""
+        self._check_plan(plan, "plan.sae")
+        self.plans[row] = plan
+        self._compile()
+
+    def set_reads(self, saes: frozenset[str] | set[str]) -> None:
+        """The SAEs whose latents the next forwards encode for every row and hand to the recorder."""
+        self._read = set(saes)
 
     # -- what the next forward computes -------------------------------------------------------
     def set_phase(
@@ -330,13 +357,10 @@ class SteeringContext:
         if sel is None:
             plan_rows, halves = self._row_map(site, n_batch)
             batch = [j for j, h in enumerate(halves) if h == "cond"]
-            device = before.device
-            idx = None if batch == list(range(n_batch)) else torch.tensor(batch, device=device)
-            rows = tuple(plan_rows[j] for j in batch)
-            identity = rows == tuple(range(self.n_rows))
-            sel = (tuple(batch), rows, idx, None if identity else torch.tensor(rows, device=device, dtype=torch.long))
+            idx = None if batch == list(range(n_batch)) else torch.tensor(batch, device=before.device)
+            sel = (tuple(batch), tuple(plan_rows[j] for j in batch), idx)
             self._readout_rows[key] = sel
-        _, rows, idx, rows_t = sel
+        _, rows, idx = sel
         if idx is not None:
             before, after = before.index_select(0, idx), (after if after is before else after.index_select(0, idx))
         valid = None
@@ -344,20 +368,12 @@ class SteeringContext:
             valid = self._valid_for(site, before.shape[1], before.device)
             if idx is not None:
                 valid = valid.index_select(0, idx)
-        acc = self._acc.get((name, self._phase))
-        if acc is None:
-            acc = ReadoutAccumulator(self.n_rows, before.shape[-1], self.readout.top_k, before.device, before.dtype)  # type: ignore[union-attr]
-            self._acc[(name, self._phase)] = acc
-        acc.add(rows, rows_t, before, after, valid, grid)
+        self.recorder.add(name, self._phase, rows, before, after, valid, grid)
 
     def readouts(self) -> list[dict[str, SaeReadout]]:
-        """Per plan row: SAE name -> its readout (phases it was seen in). Moves data to the CPU."""
-        per_row: list[dict[str, dict]] = [{n: {} for n in (self.readout.saes if self.readout else ())} for _ in range(self.n_rows)]
-        for (name, phase), acc in self._acc.items():
-            for r, phase_readout in enumerate(acc.finish()):
-                if phase_readout is not None:
-                    per_row[r][name][phase] = phase_readout
-        return [{n: SaeReadout(n, phases) for n, phases in row.items()} for row in per_row]
+        """Per plan row: SAE name -> its readout (phases it was seen in). Moves data to the CPU.
+        Only with the default recorder."""
+        return self.recorder.readouts(self.readout.saes if self.readout else ())  # type: ignore[union-attr]
 
 
 def _downsample(mask: Tensor, grid: tuple[int, int]) -> Tensor:

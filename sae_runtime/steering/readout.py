@@ -10,7 +10,7 @@ tensors per row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ class TopLatents:
 
 
 @dataclass(frozen=True)
-class PooledStats:
+class LatentPool:
     """Per-sequence statistics over ``count`` valid positions: ``sum`` and ``max`` are (d_sae,).
 
     ``max`` is 0 where ``count`` is 0.
@@ -50,8 +50,8 @@ class PhaseReadout:
 
     before: TopLatents
     after: TopLatents
-    pooled_before: PooledStats
-    pooled_after: PooledStats
+    pooled_before: LatentPool
+    pooled_after: LatentPool
     grid: tuple[int, int] | None = None
 
 
@@ -96,13 +96,14 @@ class ReadoutAccumulator:
         self.chunks: list[_Chunk] = []
         self.grid: tuple[int, int] | None = None
 
-    def add(self, rows: tuple[int, ...], rows_t: Tensor | None, before: Tensor, after: Tensor, valid: Tensor | None,
+    def add(self, rows: tuple[int, ...], before: Tensor, after: Tensor, valid: Tensor | None,
             grid: tuple[int, int] | None) -> None:
         """Add latents (R, N, d_sae) of hook-batch entries belonging to plan ``rows`` (R,).
 
-        ``rows_t`` is ``rows`` as a device tensor, or None when rows are exactly 0..n_rows-1.
         ``after`` may be ``before`` itself (no edit in this forward).
         """
+        identity = tuple(rows) == tuple(range(self.n_rows))
+        rows_t = None if identity else torch.tensor(rows, device=before.device, dtype=torch.long)
         self.grid = grid
         bv, bi = before.topk(self.top_k, dim=-1)
         av, ai = (bv, bi) if after is before else after.topk(self.top_k, dim=-1)
@@ -174,7 +175,39 @@ class ReadoutAccumulator:
             ma = torch.where(torch.isinf(cpu[3][r]), torch.zeros_like(cpu[3][r]), cpu[3][r])
             out.append(PhaseReadout(
                 before=TopLatents(bi, bv), after=TopLatents(ai, av),
-                pooled_before=PooledStats(cpu[0][r], mb, n), pooled_after=PooledStats(cpu[2][r], ma, n),
+                pooled_before=LatentPool(cpu[0][r], mb, n), pooled_after=LatentPool(cpu[2][r], ma, n),
                 grid=self.grid,
             ))
         return out
+
+
+class ReadoutRecorder(Protocol):
+    """Where the steering hooks hand each forward's latents (B, T, d_sae) before and after edits."""
+
+    def add(self, name: str, phase: str, rows: Sequence[int], before: Tensor, after: Tensor,
+            valid: Tensor | None, grid: tuple[int, int] | None) -> None: ...
+
+
+class AccumulatingRecorder:
+    """Readouts of a fixed batch of ``n_rows`` plan rows over one run: one accumulator per
+    (SAE, phase), turned into per-row :class:`SaeReadout` dicts by :meth:`readouts`."""
+
+    def __init__(self, n_rows: int, top_k: int) -> None:
+        self.n_rows, self.top_k = n_rows, top_k
+        self._acc: dict[tuple[str, str], ReadoutAccumulator] = {}
+
+    def add(self, name: str, phase: str, rows: Sequence[int], before: Tensor, after: Tensor,
+            valid: Tensor | None, grid: tuple[int, int] | None) -> None:
+        acc = self._acc.get((name, phase))
+        if acc is None:
+            acc = self._acc[(name, phase)] = ReadoutAccumulator(self.n_rows, before.shape[-1], self.top_k, before.device, before.dtype)
+        acc.add(tuple(rows), before, after, valid, grid)
+
+    def readouts(self, saes: Sequence[str]) -> list[dict[str, SaeReadout]]:
+        """Per plan row: SAE name -> its readout (phases it was seen in), on the CPU."""
+        per_row: list[dict[str, dict]] = [{n: {} for n in saes} for _ in range(self.n_rows)]
+        for (name, phase), acc in self._acc.items():
+            for r, phase_readout in enumerate(acc.finish()):
+                if phase_readout is not None:
+                    per_row[r].setdefault(name, {})[phase] = phase_readout
+        return [{n: SaeReadout(n, phases) for n, phases in row.items()} for row in per_row]

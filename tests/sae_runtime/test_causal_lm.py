@@ -286,26 +286,29 @@ def test_stream_equals_generate(backend):
     assert events[-2].risk == pytest.approx(want.risk_final.probability)
 
 
-def test_stream_many_mixes_streamed_and_unary_requests_in_one_pass(backend):
+def test_engine_mixes_streamed_and_unary_requests_in_its_steps(backend):
     reqs = [
         TextRequest(prompt=PROMPTS[0], plan=_steer_plan(), include_default=True, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=1)),
         TextRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_new_tokens=4)),
         TextRequest(prompt=PROMPTS[2], plan=_steer_plan(), readout=ReadoutSpec(("s0",), 2), sampling=SamplingParams(max_new_tokens=5)),
     ]
     solo = [backend.generate([r])[0] for r in reqs]  # the independent path: each request alone
-    events = list(backend.stream_many(reqs, streaming=[True, False, True]))
-    finals = [(i, e.result) for i, e in events if e.result is not None]
-    assert [i for i, _ in finals] == [0, 1, 2] and events[-3:] == [(i, e) for i, e in events if e.result is not None]
-    for i, result in finals:
-        assert_close(result, solo[i])  # batched vs solo: floats to 1e-4
-    tokens = {i: tuple(e.token for j, e in events if j == i and e.token is not None) for i in range(3)}
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    runs = [backend.engine.submit(backend.validate(r), events[i].append, stream=i != 1) for i, r in enumerate(reqs)]
+    widths = []
+    while not all(r.done.is_set() for r in runs):
+        widths.append(backend.engine.step().running_rows)
+    assert max(widths) == 4  # the three requests (and one twin) ran in the same steps
+    for i in range(3):
+        final = events[i][-1]
+        assert final.token is None and final.error is None
+        assert_close(final.result, solo[i])  # batched vs solo: floats to 1e-4
+    tokens = {i: tuple(e.token for e in events[i] if e.token is not None) for i in range(3)}
     assert_close(tokens[0], solo[0].steered.tokens)
     assert_close(tokens[2], solo[2].steered.tokens)
     assert tokens[1] == ()  # not streamed: its final event only
-    last_risk = [e.risk for j, e in events if j == 2 and e.token is not None][-1]
+    last_risk = [e.risk for e in events[2] if e.token is not None][-1]
     assert last_risk == pytest.approx(solo[2].risk_final.probability, abs=1e-4)
-    with pytest.raises(ValueError):
-        list(backend.stream_many(reqs, streaming=[True]))
 
 
 def test_stream_resumed_on_other_threads_matches_and_leaks_no_grad_mode(backend):

@@ -9,7 +9,7 @@ import torch
 
 from sae_runtime.backends.completion import RowText
 from sae_runtime.backends.sampling import (
-    BatchSampler,
+    SlotSampler,
     apply_frequency_penalty,
     apply_repetition_penalty,
     new_generator,
@@ -25,7 +25,10 @@ VOCAB = 12
 def _sampler(params, prompts=None, seeds=None):
     seeds = seeds or [p.seed for p in params]
     gens = [new_generator(s)[0] for s in seeds]
-    return BatchSampler(params, gens, prompts or [[] for _ in params], VOCAB)
+    sampler = SlotSampler(len(params), VOCAB)
+    for slot, (p, g, ids) in enumerate(zip(params, gens, prompts or [[] for _ in params])):
+        sampler.assign(slot, p, g, ids)
+    return sampler
 
 
 def test_repetition_penalty_matches_hand_formula():
@@ -129,13 +132,18 @@ def test_rows_are_isolated_from_their_batch_neighbours():
         assert [step[r] for step in batch] == [s[0] for s in solo]
 
 
-def test_inactive_rows_draw_nothing():
+def test_rows_leaving_the_forward_draw_nothing():
     p = SamplingParams(temperature=1.0, seed=5)
     logits = _random_logits(6, 2)
     s = _sampler([p, p])
-    out = [s.step(l, active=[True, i < 2]).tokens.tolist() for i, l in enumerate(logits)]
-    # row 1 paused after 2 steps; row 0 continues exactly as a solo run
+    # slot 1 leaves the forward after 2 steps; slot 0 continues exactly as a solo run
+    out = [s.step(l if i < 2 else l[:1], slots=[0, 1] if i < 2 else [0]).tokens.tolist() for i, l in enumerate(logits)]
     assert [o[0] for o in out] == [o[0] for o in _run(_sampler([p]), [l[:1] for l in logits])]
+    # and slot 1, back in a later forward, continues its own draws where it paused
+    again = SlotSampler(1, VOCAB)
+    again.assign(0, p, new_generator(5)[0], [])
+    solo = _run(again, [l[1:2] for l in logits[:3]])
+    assert s.step(logits[2][1:2], slots=[1]).tokens.tolist() == solo[2]
 
 
 def test_reported_logprobs_are_log_softmax_of_penalised_tempered_logits():

@@ -52,4 +52,4 @@ def test_the_cli_walk_through_runs(service, tmp_path, monkeypatch):
 def test_the_config_example_parses():
     (example,) = [b for b in blocks("yaml") if "models:" in b]
     config = parse_config(yaml.safe_load(example))
-    assert config.models[0].name == "demo-lm" and config.models[0].batching.batch_wait_timeout_s == 0.0
+    assert config.models[0].name == "demo-lm" and config.models[0].engine.max_running_rows == 16

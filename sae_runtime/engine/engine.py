@@ -1,0 +1,353 @@
+"""The text engine: continuous batching with per-request steering plans.
+
+Requests are submitted (any thread), admitted by the :class:`~.scheduler.Scheduler` at a step
+boundary into free slots (plan compiled into the :class:`~.plans.PlanTable`, sampler state,
+readout state), prefilled, then decoded one token per step beside every other running row until
+they finish; a finished, cancelled or expired request leaves at the end of its step and its slot
+is reused. Each row samples with its own generator and is edited under its own plan and scope, so
+its tokens equal its solo run whatever shares its steps.
+
+Two ways to drive it, one code path:
+
+- ``engine.start()`` runs the step loop on a background thread (the model replica); callers
+  ``submit`` and receive :class:`~sae_runtime.backends.types.StreamEvent` callbacks from that thread,
+  ``cancel`` at any time, and ``call`` a function on the engine thread between steps (Encode);
+- without the thread, :meth:`generate` and :meth:`stream` step the engine in the caller's thread
+  (library use, tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sae_runtime.backends.completion import RowText
+from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
+from sae_runtime.backends.sampling import SlotSampler, new_generator, top_logprobs
+from sae_runtime.backends.types import Completion, GeneratedToken, StreamEvent, TextResult, Timings
+from sae_runtime.engine.kv import SlotKvCache
+from sae_runtime.engine.loop import StepLoop
+from sae_runtime.engine.plans import PlanTable
+from sae_runtime.engine.request import PreparedText, RequestRun, RequestStatus, SequenceRun
+from sae_runtime.engine.scheduler import EngineConfig, Scheduler
+from sae_runtime.engine.step import ModalityPlugin, StepRunner
+from sae_runtime.errors import Cancelled, DeadlineExceeded
+from sae_runtime.steering import AttachedSae
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did, for metrics: rows and requests, KV positions held, milliseconds."""
+
+    running_rows: int
+    waiting: int
+    kv_tokens: int
+    step_ms: float
+    prefill_tokens: int
+    decoded_rows: int
+    first_token_ms: tuple[float, ...] = ()  # requests that got their first token this step
+    inter_token_ms: tuple[float, ...] = ()  # one per token made ready this step (after the first)
+
+
+class TextEngine(StepLoop):
+    """A text model's step loop. ``saes``: the model's SAEs by name at their sites;
+    ``vision_saes``: those of them on a vision tower (read per image position, not per token)."""
+
+    thread_name = "text-engine"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, saes: Mapping[str, AttachedSae], *, eos_ids: frozenset[int],
+                 pad_id: int, vocab_size: int, labels: LabelIndex, risk_probe: Any = None,
+                 config: EngineConfig = EngineConfig(), plugin: ModalityPlugin | None = None,
+                 vision_saes: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos_ids, self.labels, self.risk_probe = eos_ids, labels, risk_probe
+        self.vision_saes = frozenset(vision_saes)
+        self.d_sae = {n: a.sae.d_sae for n, a in saes.items()}
+        self.probe_saes = [n for n, _ in risk_probe.layout.saes] if risk_probe is not None else []
+        n_slots = config.max_running_rows
+        self.plans = PlanTable(model, saes, n_slots)
+        self.kv = SlotKvCache()
+        self.runner = StepRunner(model, self.plans, self.kv, pad_id, plugin)
+        self.plugin = plugin
+        self.sampler = SlotSampler(n_slots, vocab_size, self.runner.device)
+        self.scheduler = Scheduler(config)
+        self._free = list(range(n_slots - 1, -1, -1))
+        self._running: list[RequestRun] = []
+        self._ids = itertools.count()
+        self.on_step: Callable[[StepStats], None] | None = None
+
+    # -- submitting ------------------------------------------------------------------------------
+    def submit(self, prepared: PreparedText, on_event: Callable[[StreamEvent], None] | None = None, *,
+               stream: bool = False, deadline: float | None = None) -> RequestRun:
+        """Queue a validated request. ``on_event`` gets the token events (``stream``) and always the
+        final event (result or error), from the engine thread. ``deadline``: ``time.monotonic()``
+        by which it must end (DeadlineExceeded otherwise, at the next step boundary)."""
+        self.config.check_fits(prepared.n_sequences, prepared.reserved_tokens, "sampling.max_new_tokens")
+        req = prepared.request
+        reads = self._reads(req)
+        sequences = []
+        for default in (False, True)[: prepared.n_sequences]:
+            text = RowText(self.tokenizer, req.sampling.stop, req.sampling.max_new_tokens, self.eos_ids)
+            sequences.append(SequenceRun(default, None if default else prepared.plan, new_generator(prepared.seed)[0],
+                                         text, bool(reads), logprobs=req.logprobs))
+        run = RequestRun(next(self._ids), prepared, sequences, on_event, deadline, stream=stream, reads=reads)
+        self._enqueue(run)
+        return run
+
+    def _reads(self, req: Any) -> dict[str, int]:
+        reads = {n: 0 for n in self.probe_saes}
+        if req.readout is not None:
+            for n in req.readout.saes:
+                reads[n] = max(1, req.readout.top_k)
+        return reads
+
+    # -- driving ---------------------------------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self.scheduler.waiting or self._running)
+
+    def generate(self, prepared: Sequence[PreparedText]) -> list[TextResult]:
+        """Results of ``prepared``, in order (all submitted at once, so they share steps)."""
+        runs = [self.submit(p) for p in prepared]
+        self.wait(runs)
+        for run in runs:
+            if run.error is not None:
+                raise run.error
+        return [run.result for run in runs]
+
+    def stream(self, prepared: PreparedText) -> Iterator[StreamEvent]:
+        """Token events of one request as its steps produce them, then the final event."""
+        import queue
+
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        run = self.submit(prepared, events.put, stream=True)
+        try:
+            while True:
+                while events.empty():
+                    if not self.threaded:
+                        self.step()
+                    else:
+                        run.done.wait(0.05)
+                event = events.get()
+                yield event
+                if event.result is not None or event.error is not None:
+                    if event.error is not None:
+                        raise event.error
+                    return
+        finally:
+            if not run.status.ended:
+                self.cancel(run)
+
+    # -- one step --------------------------------------------------------------------------------
+    def _step(self, incoming: list[RequestRun]) -> StepStats | None:
+        """Retire ended requests, admit waiting ones, run the step's forwards, emit events."""
+        self.scheduler.waiting.extend(incoming)
+        started = time.monotonic()
+        self._retire_stopped(started)
+        self.kv.keep(self._live_slots())  # before admission: a freed slot may be taken again this step
+        admitted = self.scheduler.admit()
+        if not admitted and not self._running:
+            return None
+        try:
+            stats = self._forwards(admitted, started)
+        except Exception as err:  # noqa: BLE001 - the step's requests fail; the engine goes on
+            for run in list(self._running):
+                self._end(run, RequestStatus.FAILED, err)
+            self.kv.keep([])
+            return None
+        if self.on_step is not None:
+            self.on_step(stats)
+        return stats
+
+    def _retire_stopped(self, now: float) -> None:
+        for run in list(self.scheduler.waiting) + self._running:
+            if run.cancel_requested:
+                self._end(run, RequestStatus.CANCELLED, Cancelled("the request was cancelled"))
+            elif run.deadline is not None and now > run.deadline:
+                self._end(run, RequestStatus.FAILED, DeadlineExceeded("the request did not finish before its deadline"))
+
+    def _forwards(self, admitted: list[RequestRun], started: float) -> StepStats:
+        new_rows: list[SequenceRun] = []
+        for run in admitted:
+            run.status, run.admitted = RequestStatus.PREFILLING, started
+            for seq in run.sequences:
+                seq.slot = self._free.pop()
+                self.plans.assign(seq.slot, seq.plan, run.reads)
+                self.sampler.assign(seq.slot, run.prepared.request.sampling, seq.generator, run.prepared.prompt_ids)
+                new_rows.append(seq)
+            self._running.append(run)
+        for run in admitted:
+            run.running_at_admission = len(self._running)
+        prefill_tokens = 0
+        with self.plans:
+            if new_rows:
+                owners = {id(s): run for run in admitted for s in run.sequences}
+                if self.plugin is not None:
+                    self.plugin.admit([(s, owners[id(s)].prepared) for s in new_rows], self.plans)
+                prompts = [owners[id(s)].prepared.prompt_ids for s in new_rows]
+                prefill_tokens = sum(len(p) for p in prompts)
+                logits = self.runner.prefill(new_rows, prompts)
+                self._sample(new_rows, logits)
+                for run in admitted:
+                    run.status = RequestStatus.DECODING
+            by_slot = {s.slot: s for run in self._running for s in run.sequences}
+            self.kv.keep([s for s in self.kv.slots if by_slot[s].needs_feed])  # a first token may have been eos
+            decoded = len(self.kv.slots)
+            if decoded:
+                rows = [by_slot[s] for s in self.kv.slots]
+                tokens = torch.tensor([r.text.records[-1].id for r in rows], device=self.runner.device)
+                logits = self.runner.decode(tokens)
+                for r in rows:
+                    r.n_fed = len(r.text.records)
+                sampling = [j for j, r in enumerate(rows) if not r.text.done]
+                if sampling:
+                    keep = torch.tensor(sampling, device=logits.device)
+                    self._sample([rows[j] for j in sampling], logits.index_select(0, keep))
+        ttft, itl = self._emit(time.monotonic())
+        self.kv.keep(self._live_slots())
+        return StepStats(self.scheduler.rows, len(self.scheduler.waiting), self.kv.tokens_in_use,
+                         (time.monotonic() - started) * 1e3, prefill_tokens, decoded, tuple(ttft), tuple(itl))
+
+    def _live_slots(self) -> list[int]:
+        return [s.slot for run in self._running for s in run.sequences if not s.finished]
+
+    def _sample(self, rows: list[SequenceRun], logits: torch.Tensor) -> None:
+        """Sample one token for each of ``rows`` (all still generating) from logits (b, V)."""
+        step = self.sampler.step(logits, [r.slot for r in rows])
+        n_logprobs = max(r.logprobs for r in rows)
+        chosen = top_vals = top_ids = None
+        if n_logprobs > 0:
+            chosen, top_vals, top_ids = (t.tolist() for t in top_logprobs(step.logprobs, step.tokens, n_logprobs))
+        for j, (r, token) in enumerate(zip(rows, step.tokens.tolist())):
+            n = r.logprobs
+            if n > 0:
+                top = tuple((self.tokenizer.decode([t]), float(v)) for t, v in zip(top_ids[j][:n], top_vals[j][:n]))
+                r.text.push(token, float(chosen[j]), top)
+            else:
+                r.text.push(token)
+
+    # -- events and results ----------------------------------------------------------------------
+    def _emit(self, now: float) -> tuple[list[float], list[float]]:
+        """Token events of streaming requests, final events of finished ones; TTFT / ITL samples."""
+        ttft: list[float] = []
+        itl: list[float] = []
+        streams = []
+        for run in list(self._running):
+            ready = run.steered.ready
+            if ready > run.sent:
+                if run.first_token is None:
+                    run.first_token = now
+                    ttft.append((now - run.submitted) * 1e3)
+                    itl.extend([0.0] * (ready - run.sent - 1))
+                else:
+                    itl.extend([(now - run.last_token) * 1e3 / (ready - run.sent)] * (ready - run.sent))
+                run.last_token = now
+                if run.stream:
+                    streams.append(run)
+                else:
+                    run.sent = ready
+        if streams:
+            risks = self._running_risks(streams)
+            for run, risk in zip(streams, risks):
+                ready = run.steered.ready
+                for tok in self._live_tokens(run, run.sent, ready):
+                    run.emit(StreamEvent(token=tok, risk=risk))
+                run.sent = ready
+        for run in list(self._running):
+            if all(s.finished for s in run.sequences):
+                run.result = self._result(run, now)
+                self._end(run, RequestStatus.FINISHED, None)
+        return ttft, itl
+
+    def _running_risks(self, runs: Sequence[RequestRun]) -> list[float | None]:
+        if self.risk_probe is None:
+            return [None] * len(runs)
+        pools = self.plans.readouts.risk_pools([r.steered.slot for r in runs], self.probe_saes, with_generated=True)
+        return [s.probability for s in self.risk_probe.score_many(pools, "final")]
+
+    def _live_tokens(self, run: RequestRun, start: int, upto: int) -> list[GeneratedToken]:
+        """Streamed tokens ``start .. upto-1`` of the steered row, latents read off this step's chunks."""
+        req, seq = run.prepared.request, run.steered
+        names = [n for n in req.readout.saes if n not in self.vision_saes] if req.readout else []
+        out = []
+        for j, rec in enumerate(seq.text.records[start:upto], start):
+            latents: tuple = ()
+            if names:
+                one = {n: self.plans.readouts.decode_position(seq.slot, n, j) for n in names}
+                if all(v is not None for v in one.values()):
+                    latents = position_latents(one, "decode", names, req.readout.top_k, self.labels)[0]
+            out.append(GeneratedToken(id=rec.id, text=rec.text, logprob=rec.logprob, top_logprobs=rec.top_logprobs, latents=latents))
+        return out
+
+    def _result(self, run: RequestRun, now: float) -> TextResult:
+        req = run.prepared.request
+        readouts = [self.plans.readouts.finish(s.slot) for s in run.sequences]
+        steered = readouts[0]
+        names = list(req.readout.saes) if req.readout else []
+        text_names = [n for n in names if n not in self.vision_saes]
+        vision_names = [n for n in names if n in self.vision_saes]
+        top_k = req.readout.top_k if req.readout else 1
+        risk_prompt = risk_final = None
+        if self.risk_probe is not None:
+            risk_prompt = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=False)], "prompt")[0]
+            risk_final = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
+        completions = []
+        for seq, readout in zip(run.sequences, readouts):
+            tokens = self._completion_tokens(run, seq, readout, text_names, top_k)
+            completions.append(Completion(text=seq.text.text, tokens=tokens, finish_reason=seq.text.finish_reason or "length"))
+        return TextResult(
+            steered=completions[0],
+            default=completions[1] if len(completions) > 1 else None,
+            prompt_latents=tuple(position_latents(steered, "prefill", text_names, top_k, self.labels)) if text_names else (),
+            pooled=pooled_latents(steered, names, top_k, self.labels) if names else (),
+            risk_prompt=risk_prompt,
+            risk_final=risk_final,
+            timings=Timings(
+                queue_ms=((run.admitted or now) - run.submitted) * 1e3,
+                compute_ms=(now - (run.admitted or now)) * 1e3,
+                first_token_ms=((run.first_token or now) - (run.admitted or now)) * 1e3,
+                batch_size=run.running_at_admission,
+            ),
+            vision_latents=tuple(position_latents(steered, "prefill", vision_names, top_k, self.labels)) if vision_names else (),
+        )
+
+    def _completion_tokens(self, run: RequestRun, seq: SequenceRun, readout: Mapping[str, Any], names: list[str],
+                           top_k: int) -> tuple[GeneratedToken, ...]:
+        per_position = position_latents(readout, "decode", names, top_k, self.labels) if names else []
+        return tuple(
+            GeneratedToken(id=r.id, text=r.text, logprob=r.logprob, top_logprobs=r.top_logprobs,
+                           latents=per_position[j] if j < len(per_position) else ())
+            for j, r in enumerate(seq.text.records)
+        )
+
+    def _end(self, run: RequestRun, status: RequestStatus, error: BaseException | None) -> None:
+        """``run`` leaves: slots freed, its final event sent, waiters woken."""
+        if run in self._running:
+            self._running.remove(run)
+            self.scheduler.retire(run)
+            for seq in run.sequences:
+                if seq.slot >= 0:
+                    self.plans.release(seq.slot)
+                    self._free.append(seq.slot)
+                    seq.slot = -1
+        elif run in self.scheduler.waiting:
+            self.scheduler.waiting.remove(run)
+        run.status, run.error = status, error
+        run.emit(StreamEvent(token=None, result=run.result) if error is None else StreamEvent(token=None, error=error))
+        run.done.set()
+
+    @property
+    def running_rows(self) -> int:
+        return self.scheduler.rows
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._incoming)
+
+
+__all__ = ["EngineConfig", "StepStats", "TextEngine"]

@@ -1,0 +1,57 @@
+"""The plan table: each slot's plan compiled once on admission, gathered per forward by slot.
+
+Like vLLM's per-request LoRA slots: a request's plan is written into its slot when it is
+admitted (:meth:`PlanTable.assign`) and cleared when it leaves. Each forward names the slot of
+every batch row in its :class:`~sae_runtime.engine.step.StepDescriptor`; the steering hooks
+gather those slots' edit tables (cached while the running set stays the same, so steady decode
+steps do no host-side work) and apply each row's edits under its own scope. One
+:class:`~sae_runtime.steering.context.SteeringContext` in slot mode does the maths, so the engine,
+the SDXL-Turbo backend and the benchmarks run the same hooks (and the same fast path).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from sae_runtime.engine.readout import SlotReadouts
+from sae_runtime.plan import InterventionPlan
+from sae_runtime.steering import AttachedSae, SteeringContext
+from torch import nn
+
+
+class PlanTable:
+    """Per-slot plans and readouts over ``n_slots`` slots of one model's SAEs."""
+
+    def __init__(self, model: nn.Module, saes: Mapping[str, AttachedSae], n_slots: int) -> None:
+        self.readouts = SlotReadouts(n_slots, {n: a.sae.d_sae for n, a in saes.items()})
+        self.context = SteeringContext(model, saes, [None] * n_slots, recorder=self.readouts, hook_all=True)
+        self._reads_dirty = False
+
+    def assign(self, slot: int, plan: InterventionPlan | None, reads: Mapping[str, int]) -> None:
+        """Admit a sequence into ``slot``: its validated plan (None = no edits) and what it reads
+        (sae -> top-k per position, 0 = pooled statistics only)."""
+        if plan is not None and plan.is_empty:
+            plan = None
+        if plan is not None or self.context.plans[slot] is not None:
+            self.context.set_plan(slot, plan)
+        self.readouts.assign(slot, reads)
+        self._reads_dirty = True
+
+    def release(self, slot: int) -> None:
+        if self.context.plans[slot] is not None:
+            self.context.set_plan(slot, None)
+        self.readouts.release(slot)
+        self._reads_dirty = True
+
+    def __enter__(self) -> "PlanTable":
+        if self._reads_dirty:
+            self.context.set_reads(self.readouts.read_saes)
+            self._reads_dirty = False
+        self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.context.__exit__(*exc)
+
+
+__all__ = ["PlanTable"]
