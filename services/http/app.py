@@ -10,7 +10,7 @@ Routes (all JSON; streams are server-sent events):
 
 Every request runs through the gRPC ingress' own methods (:class:`IngressCalls`), so it gets the
 same bearer-token check, routing, validation, errors and metrics as over gRPC. Bodies larger than
-``max_body_bytes`` are refused with 413 before they are parsed.
+``max_body_bytes`` are refused with 413 before they are parsed, forms and plain text with 415.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from services.http import openai_compat as oa
 from services.http import protojson
 from services.http.calls import IngressCalls
 from services.http.errors import HttpError
-from services.http.limits import BodyLimit, BodyTooLarge
+from services.http.limits import BodyLimit, BodyTooLarge, JsonBodies
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 #: Unary RPCs of the JSON mirror: name -> (request type, response type).
@@ -120,6 +120,7 @@ def build_http_app(ingress: Any, *, max_body_bytes: int = 64 << 20) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(JsonBodies)
 
     @app.exception_handler(HttpError)
     async def _http_error(_: Request, err: HttpError) -> JSONResponse:
@@ -192,7 +193,8 @@ def build_http_app(ingress: Any, *, max_body_bytes: int = 64 << 20) -> FastAPI:
         try:
             requests = oa.chat_requests(body) if chat else oa.completion_requests(body)
             if body.stream:
-                return StreamingResponse(await started(openai_events(body, chat, requests, request)), media_type="text/event-stream", headers=SSE_HEADERS)
+                events = await started(openai_events(body, chat, requests, request))
+                return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
             responses = await asyncio.gather(*(calls.unary(_rpc_of(r), r, request.headers) for r in requests))
         except HttpError as err:
             return error_response(err.renamed(rename))
@@ -264,5 +266,7 @@ def _openapi_body(request_type: type, response_type: type, stream: bool = False)
     media = "text/event-stream" if stream else "application/json"
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(request_type)}}},
-        "responses": {"200": {"description": f"{response_type.DESCRIPTOR.name} (proto JSON)", "content": {media: {"schema": ref(response_type)}}}},
+        "responses": {
+            "200": {"description": f"{response_type.DESCRIPTOR.name} (proto JSON)", "content": {media: {"schema": ref(response_type)}}}
+        },
     }

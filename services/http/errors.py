@@ -37,7 +37,13 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
 
 #: gRPC details name the field first: "plan.edits[0].latents: latent 99 out of range [0, 64)".
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*): ")
@@ -72,4 +78,5 @@ class HttpError(Exception):
         return HttpError(self.status, self.code, message, new)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "param": self.param, "type": _TYPES.get(self.status, "server_error")}}
+        kind = _TYPES.get(self.status, "server_error")
+        return {"error": {"code": self.code, "message": self.message, "param": self.param, "type": kind}}

@@ -1,4 +1,5 @@
-"""Request body cap for the HTTP API (the counterpart of the gRPC proxy's message cap)."""
+"""Guards in front of the HTTP API's routes: the body cap (the counterpart of the gRPC proxy's
+message cap) and JSON-only request bodies."""
 
 from __future__ import annotations
 
@@ -47,3 +48,27 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         err = HttpError(413, "RESOURCE_EXHAUSTED", str(BodyTooLarge(self.max_bytes).detail), "body")
         await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+
+
+#: Content types a browser may send cross-origin without a CORS preflight ("simple requests").
+SIMPLE_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+
+
+class JsonBodies:
+    """ASGI middleware: refuse request bodies sent as a form or plain text with 415. Bodies are JSON;
+    refusing the types a web page may POST to another origin without a CORS preflight means a page
+    on another site cannot make a visitor's browser run requests on a service it can reach (the API
+    sends no CORS headers, so the preflight fails)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            kind = dict(scope.get("headers") or ()).get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+            if kind in SIMPLE_CONTENT_TYPES:
+                message = f"content-type: send the body as application/json, not {kind}"
+                err = HttpError(415, "INVALID_ARGUMENT", message, "content-type")
+                await JSONResponse(err.body(), status_code=415)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -318,7 +318,8 @@ class ChunkWriter:
         """Chat streams open each choice with the assistant role."""
         if not self.chat:
             return None
-        return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return self._chunk(opening)
 
     def token(self, index: int, message: pb.GenerateStreamResponse) -> dict[str, Any]:
         token = message.token
@@ -339,7 +340,8 @@ class ChunkWriter:
 
     def final(self, index: int, response: pb.GenerateResponse) -> dict[str, Any]:
         finish = FINISH_REASONS.get(response.completion.finish_reason, response.completion.finish_reason)
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None, "steering": choice_steering(response)}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        choice["steering"] = choice_steering(response)
         if self.chat:
             choice["delta"] = {}
         else:

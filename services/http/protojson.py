@@ -94,7 +94,8 @@ def json_schemas(*descriptors: Descriptor) -> dict[str, dict[str, Any]]:
         properties = {}
         for f in d.fields:
             if f.message_type is not None and f.message_type.GetOptions().map_entry:
-                properties[f.json_name] = {"type": "object", "additionalProperties": field_schema(f.message_type.fields_by_name["value"])}
+                value = f.message_type.fields_by_name["value"]
+                properties[f.json_name] = {"type": "object", "additionalProperties": field_schema(value)}
             elif f.is_repeated:
                 properties[f.json_name] = {"type": "array", "items": field_schema(f)}
             else:

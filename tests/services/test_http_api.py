@@ -145,6 +145,16 @@ def test_invalid_json_and_oversized_bodies(service):
     assert post(service, "/v1/steering/Generate", {"model": LM, "prompt": "x", "params": {"maxNewTokens": 1}}).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/steering/Generate", "/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_bodies_a_web_page_could_send_cross_origin_are_refused(service, path, kind):
+    """Forms and plain text (what another site's page may POST without a CORS preflight) get 415."""
+    body = json.dumps({"model": LM, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    refused = requests.post(service.http_url + path, data=body, headers={"Content-Type": kind}, timeout=TIMEOUT_S)
+    assert refused.status_code == 415 and refused.json()["error"]["param"] == "content-type"
+    assert "access-control-allow-origin" not in refused.headers
+
+
 def test_overload_is_429_and_deadline_504_through_the_shared_status_mapping():
     """The statuses no tiny test model produces on demand, through services.errors.grpc_status."""
     from ray.serve.exceptions import BackPressureError
