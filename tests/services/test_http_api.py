@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 
 import grpc
@@ -216,7 +217,21 @@ def test_bearer_token_applies_to_http_as_to_grpc(service, secure_prefix, method,
     assert requests.request(method, service.http_url + path, json=body, timeout=TIMEOUT_S).status_code == 200
 
 
-def test_http_listens_on_loopback_by_default():
+def _non_loopback_addresses() -> list[str]:
+    """This machine's IPv4 addresses outside 127.0.0.0/8 (from the kernel's interface table)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return []
+    return [a.split("/")[0] for a in re.findall(r"inet (\S+)", out) if not a.startswith("127.")]
+
+
+def test_http_listens_on_loopback_by_default(service):
+    import socket
+    from urllib.parse import urlparse
+
     from services.config import parse_config, render_serve_config
 
     config = parse_config({"models": [{"name": "m", "kind": "llava", "demo": True}]})
@@ -224,6 +239,17 @@ def test_http_listens_on_loopback_by_default():
     assert render_serve_config(config, base_dir="/app")["http_options"] == {"host": "0.0.0.0", "port": 8000}  # a cluster's pods
     with pytest.raises(Exception, match="http.port"):
         parse_config({"http": {"port": 0}, "models": [{"name": "m", "kind": "llava", "demo": True}]})
+
+    # The session service runs with the default host: it answers on loopback, and nothing answers
+    # on the machine's other addresses.
+    port = urlparse(service.http_url).port
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    addresses = _non_loopback_addresses()
+    if not addresses:
+        pytest.skip("no non-loopback IPv4 address to probe (or no `ip` command)")
+    for address in addresses:
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
 
 
 # -- OpenAPI ------------------------------------------------------------------------------------
