@@ -20,6 +20,9 @@ from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_LABELS, LM
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "reports" / "screenshots"
 WAIT_S = 120
+#: The first test may install chromium (apt-get, a few minutes on a fresh machine) on top of the
+#: session service's start: more than the suite's 600 s default.
+pytestmark = pytest.mark.timeout(1500)
 
 
 def _install_chromium() -> str | None:
@@ -29,9 +32,9 @@ def _install_chromium() -> str | None:
     if not shutil.which("apt-get"):
         return "chromium/chromedriver are missing and there is no apt-get to install them"
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+    for cmd, limit_s in ((["apt-get", "update", "-qq"], 300), (["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], 900)):
         try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit_s)
         except (OSError, subprocess.TimeoutExpired) as err:
             return f"installing chromium failed: {err}"
         if done.returncode != 0:
