@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -51,6 +52,26 @@ def sse(data: Any, event: str | None = None) -> str:
     """One server-sent event carrying ``data`` as JSON (or a literal string)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+#: How pydantic names a union's member in an error location ("str", "list[str]", ...).
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
+
+
+def field_path(loc: tuple | list) -> str:
+    """A pydantic error location as the request's field path: ``("body", "messages", 0, "role")``
+    -> ``messages[0].role``; a union's member tag and what follows it are left out."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p == "body" and not parts:
+            continue
+        elif _UNION_MEMBER.match(str(p)):
+            break
+        else:
+            parts.append(f".{p}")
+    return "".join(parts).lstrip(".") or "body"
 
 
 def error_response(err: HttpError) -> JSONResponse:
@@ -129,9 +150,7 @@ def build_http_app(ingress: Any, *, max_body_bytes: int = 64 << 20) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        loc = [p for p in first.get("loc", ()) if p != "body"]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        return error_response(HttpError.invalid(path or "body", first.get("msg", "invalid")))
+        return error_response(HttpError.invalid(field_path(first.get("loc", ())), first.get("msg", "invalid")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exception(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -146,6 +146,7 @@ def test_errors_reach_the_openai_client_with_status_code_and_field(oai):
         (dict(model=LM, prompt="x", echo=True), openai.BadRequestError, "echo"),
         (dict(model=LM, prompt="x", n=0), openai.BadRequestError, "n"),
         (dict(model=LM, prompt="x", logprobs=99), openai.BadRequestError, "logprobs"),
+        (dict(model=LM, prompt=[1, 2]), openai.BadRequestError, "prompt"),  # token ids: not supported
     ]
     for kwargs, error_type, field in cases:
         with pytest.raises(error_type) as caught:
@@ -159,6 +160,9 @@ def test_errors_reach_the_openai_client_with_status_code_and_field(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=LM, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert caught.value.param == "messages[0].content[0].image_url.url"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=LM, messages=[{"role": "narrator", "content": "x"}])
+    assert caught.value.param == "messages[0].role"
 
 
 def test_the_readme_openai_snippet_runs(service):
