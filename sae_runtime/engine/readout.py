@@ -138,10 +138,12 @@ class SlotReadouts:
         av, ai = (bv, bi) if after is before else after.topk(k, dim=-1)
         for j, slot in enumerate(slots):
             reads = self._reads[slot]
-            if reads.top_k[name] <= 0:
+            own = min(reads.top_k[name], k)  # this forward's k is its rows' largest
+            if own <= 0:
                 continue
             sel = slice(None) if valid is None else valid[j]
-            reads.chunks.setdefault((name, phase), []).append((bi[j][sel], bv[j][sel], ai[j][sel], av[j][sel]))
+            reads.chunks.setdefault((name, phase), []).append(
+                tuple(t[j][sel][:, :own] for t in (bi, bv, ai, av)))
             reads.grid[(name, phase)] = grid
 
     # -- results ---------------------------------------------------------------------------------
