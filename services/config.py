@@ -1,7 +1,7 @@
 """The service's YAML config: a pydantic schema, loading, and the two things built from it.
 
 One file declares the models to serve (base model, SAEs, risk probe, limits, engine, resources,
-replicas), the gRPC port and an optional bearer token. From it come:
+replicas), the gRPC and HTTP ports and an optional bearer token. From it come:
 
 - :meth:`ModelConfig.to_spec`: the ``sae_runtime`` :class:`ModelSpec` a backend is built from;
 - :func:`render_serve_config`: a Ray Serve config dict (``applications`` + ``grpc_options``), the
@@ -234,6 +234,17 @@ class GrpcEntry(_Strict):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 20, le=(1 << 31) - 1)
 
 
+class HttpEntry(_Strict):
+    """The HTTP API (services/http) on Ray Serve's HTTP proxy. ``host`` is where ``python -m
+    services.app`` listens (loopback by default, like a local gRPC client's target); rendered
+    Serve configs for clusters listen on all interfaces."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    #: Larger request bodies are refused with 413 (the counterpart of grpc.max_message_bytes).
+    max_body_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 16, le=(1 << 31) - 1)
+
+
 class AuthEntry(_Strict):
     """Optional bearer token (``authorization: Bearer <token>`` metadata) for Steering RPCs.
 
@@ -260,6 +271,7 @@ class IngressEntry(_Strict):
 class ServiceConfig(_Strict):
     app_name: str = "steering"
     grpc: GrpcEntry = GrpcEntry()
+    http: HttpEntry = HttpEntry()
     auth: AuthEntry = AuthEntry()
     ingress: IngressEntry = IngressEntry()
     models: tuple[ModelConfig, ...] = Field(min_length=1)
@@ -312,7 +324,7 @@ def load_config(path: str | os.PathLike[str]) -> ServiceConfig:
     return parse_config(data, source=str(p))
 
 
-def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int = 8000) -> dict[str, Any]:
+def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int | None = None) -> dict[str, Any]:
     """A Ray Serve config (ServeDeploySchema) serving ``config``: one application whose builder
     receives the whole validated config as args, plus the gRPC proxy options.
 
@@ -324,7 +336,7 @@ def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[st
         grpc_options["request_timeout_s"] = config.grpc.request_timeout_s
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": http_port},
+        "http_options": {"host": "0.0.0.0", "port": http_port or config.http.port},
         "grpc_options": grpc_options,
         "applications": [
             {

@@ -14,6 +14,10 @@ import grpc
 
 from sae_runtime.errors import SaeRuntimeError
 
+#: How the details of a RESOURCE_EXHAUSTED status from back-pressure start (HTTP tells it from a
+#: request over a configured limit: 429 against 413).
+OVERLOADED = "server overloaded"
+
 
 class Unauthenticated(SaeRuntimeError):
     """The service requires a bearer token and the request had none, or a wrong one."""
@@ -48,7 +52,7 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = getattr(grpc.StatusCode, original.status, grpc.StatusCode.INTERNAL)
         return code, str(original)
     if isinstance(original, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {original.message}"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{OVERLOADED}: {original.message}"
     if isinstance(original, DeploymentUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, original.message
     if isinstance(original, (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)):

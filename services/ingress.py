@@ -1,4 +1,6 @@
-"""The ingress deployment: serves the Steering and grpc.health.v1.Health services.
+"""The ingress deployment: serves the Steering and grpc.health.v1.Health services over gRPC, and
+the HTTP API (services/http: OpenAI-compatible endpoints, a JSON mirror, the playground) through
+Ray Serve's HTTP proxy, whose requests run through these same methods.
 
 Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
 routed by ``request.model`` to that model's deployment (DeploymentHandle composition), so clients
@@ -38,8 +40,11 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @serve.deployment
+@serve.ingress()
 class SteeringIngress:
-    def __init__(self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None, http: dict[str, Any] | None = None
+    ) -> None:
         # Handles are built where the app was bound, with that process' transport default; follow
         # this replica's RAY_SERVE_USE_GRPC_BY_DEFAULT (services.app.ray_env) for the model hop.
         grpc_data_plane = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1"
@@ -47,6 +52,13 @@ class SteeringIngress:
         self._token = _resolve_token(auth or {})
         self._metrics = ingress_metrics()
         self._model_infos: dict[str, pb.ModelInfo] = {}
+        self._http_options = http or {}
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The HTTP API's app around this replica (Ray Serve calls it after ``__init__``)."""
+        from services.http import build_http_app
+
+        return build_http_app(self, **self._http_options)
 
     # -- plumbing --------------------------------------------------------------------------------
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
@@ -211,10 +223,6 @@ class SteeringIngress:
         for name in self._models:
             response.statuses[name].status = await self._probe([name])
         return response
-
-    # -- HTTP: a pointer, since the API is gRPC ----------------------------------------------------
-    async def __call__(self, _request: Any) -> str:
-        return "This is the SAE steering service; its API is gRPC (steering.v1.Steering), see the README.\n"
 
 
 async def status_changes(probe: Callable[[], Awaitable[int]], interval_s: float) -> AsyncIterator[int]:

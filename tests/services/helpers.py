@@ -33,10 +33,15 @@ def free_port() -> int:
 
 
 
-def service_config(grpc_port: int) -> dict:
+#: The session service's HTTP body cap (small, so the 413 test sends little).
+HTTP_MAX_BODY_BYTES = 1 << 20
+
+
+def service_config(grpc_port: int, http_port: int = 8000) -> dict:
     small = {"num_cpus": 0.1, "torch_threads": 1}
     return {
         "grpc": {"port": grpc_port, "request_timeout_s": 120},
+        "http": {"port": http_port, "max_body_bytes": HTTP_MAX_BODY_BYTES},
         "ingress": {"num_cpus": 0.1},
         "models": [
             {
