@@ -120,6 +120,19 @@ def print_generation(console: Console, response: pb.GenerateResponse) -> None:
                   f"compute {t.compute_ms:.1f} ms, batch {t.batch_size}[/dim]")
 
 
+def print_error(console: Console, err: SteeringError) -> None:
+    """The status, then what its google.rpc details say: the fields at fault, the unknown
+    resource, the limits exceeded."""
+    console.print(f"[red]error[/red] {err.code.name}: {err.details}", highlight=False)
+    for field, description in err.field_violations:
+        console.print(f"  bad field [bold]{field}[/bold]: {description}", highlight=False)
+    if err.resource is not None:
+        kind, name = err.resource
+        console.print(f"  not found: {kind} {name!r}" if name else f"  not found: {kind}", highlight=False)
+    for subject, description in err.quota_violations:
+        console.print(f"  over the limit [bold]{subject}[/bold]: {description}", highlight=False)
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 
@@ -287,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.func(client, args, console)
         except SteeringError as err:
-            console.print(f"[red]error[/red] {err.code.name}: {err.details}")
+            print_error(console, err)
             return 2
         except UsageError as err:
             console.print(f"[red]usage error[/red]: {err}")

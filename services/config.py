@@ -37,10 +37,12 @@ from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 
 #: The import path of the application builder, for Serve config files.
 APP_IMPORT_PATH = "services.app:build_app"
-#: gRPC servicers the proxy registers: the Steering API and the standard health service.
+#: gRPC servicers the proxy registers: the Steering API, the standard health service, and server
+#: reflection v1 (Ray Serve serves v1alpha itself).
 GRPC_SERVICER_FUNCTIONS = (
     "steering.v1.steering_pb2_grpc.add_SteeringServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.reflection.add_ReflectionV1Servicer_to_server",
 )
 #: How to install what ``saelens:`` SAE entries need (sae_runtime.formats.saelens_registry).
 SAELENS_EXTRA = "pip install 'sae-steering[saelens]'"
