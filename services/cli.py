@@ -6,12 +6,13 @@
     python -m services.cli search-features --model demo-lm red
     python -m services.cli encode --model demo-lm "the red cat"
     python -m services.cli generate --model demo-llava --image cat.png "what colour is it"
-    python -m services.cli image --model demo-sdxl --set texture:fur=20 --out cat.png "a cat"
+    python -m services.cli image --model demo-sdxl-turbo --sae mid --set 3=20 --out cat.png "a cat"
     python -m services.cli health
 
 Edits name latents by concept label or index: ``--set color:red=8``, ``--ablate 12``. Without
 ``--sae``, a label is looked up among the model's SAEs (it must be unambiguous); an index needs
-``--sae`` unless the model has one SAE.
+``--sae`` unless the model has one SAE. Errors print the status, then the fields, unknown resource
+or limit that the service's google.rpc details name; the exit code is 2.
 """
 
 from __future__ import annotations
