@@ -142,3 +142,13 @@ def test_seed_takes_the_whole_uint64_range(client):
             for _ in range(2)]
     assert runs[0].completion.text == runs[1].completion.text
     assert [t.id for t in runs[0].completion.tokens] == [t.id for t in runs[1].completion.tokens]
+
+
+def test_a_failed_stream_names_the_field_in_its_message(client):
+    """GenerateStream errors carry code and message; Ray Serve 2.60's proxy drops the trailers of a
+    stream that fails (gRPCStatusError keeps code and details only), so the client falls back to
+    the field the message starts with."""
+    with pytest.raises(SteeringError) as info:
+        list(client.stream(LM, "the cat", edits=[edit(LM_SAE, "set", WIDTH, value=1.0)], generation=Generation(max_new_tokens=2)))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.field == "plan.edits[0].latents"
