@@ -152,3 +152,38 @@ def test_a_failed_stream_names_the_field_in_its_message(client):
         list(client.stream(LM, "the cat", edits=[edit(LM_SAE, "set", WIDTH, value=1.0)], generation=Generation(max_new_tokens=2)))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.field == "plan.edits[0].latents"
+
+
+def test_a_client_built_from_reflection_alone_calls_generate(channel):
+    """No generated code: the descriptors come from server reflection v1, the messages are built
+    from them, and the field names and enum names are the ones steering.proto documents."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    found = reflect(channel, "v1", reflection_pb2.ServerReflectionRequest(file_containing_symbol="steering.v1.Steering"))
+    pool = descriptor_pool.DescriptorPool()
+    pending = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in found.file_descriptor_response.file_descriptor_proto]
+    while pending:  # add files once their dependencies are in
+        ready = [f for f in pending if all(_has_file(pool, d) for d in f.dependency)]
+        assert ready, [f.name for f in pending]
+        for f in ready:
+            pool.Add(f)
+            pending.remove(f)
+    request_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("steering.v1.GenerateRequest"))
+    response_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("steering.v1.GenerateResponse"))
+    request = request_cls(model=LM, prompt="the cat", seed=7)
+    request.params.max_new_tokens = 3
+    set_edit = request.plan.edits.add(sae=LM_SAE, latents=[1], value=5.0)
+    set_edit.op = pool.FindEnumTypeByName("steering.v1.EditOp").values_by_name["EDIT_OP_SET"].number
+    call = channel.unary_unary("/steering.v1.Steering/Generate", request_serializer=request_cls.SerializeToString,
+                               response_deserializer=response_cls.FromString)
+    response = call(request, timeout=60)
+    assert response.steered and len(response.completion.tokens) == 3
+    assert response.versions.model == LM
+
+
+def _has_file(pool, name: str) -> bool:
+    try:
+        pool.FindFileByName(name)
+        return True
+    except KeyError:
+        return False
