@@ -1,12 +1,13 @@
 """Deploy a Serve config file the way KubeRay does and call it over gRPC; print a JSON report.
 
-    python tests/deploy/serve_config_check.py SERVE_CONFIG.yaml WORKDIR NUM_CPUS
+    python tests/deploy/serve_config_check.py SERVE_CONFIG.yaml WORKDIR NUM_CPUS [PROMPTS_JSON]
 
 Starts its own Ray head (``ray start --head --block``, free ports, its own temp dir and process
 group), submits the file unchanged to the dashboard's Serve REST API (``serve deploy``, what KubeRay
 does with a RayService's serveConfigV2), waits for grpc.health.v1 SERVING on the port the file
 declares, then sends Health/Check, Ray Serve's Healthz, ListModels, a steered Generate and a
-GenerateImage, and stops the cluster (never ``ray stop``, which would end every Ray on the machine).
+GenerateImage (and, for each prompt of the optional JSON list, a demo-lm Generate as the CLI sends
+it: greedy, 16 new tokens, seed 0), and stops the cluster (never ``ray stop``, which would end every Ray on the machine).
 tests/deploy/test_k8s_serve.py runs it inside a private network namespace, so the declared ports
 cannot collide with anything else on the machine.
 """
@@ -100,8 +101,8 @@ def wait_serving(target: str, head: subprocess.Popen, deadline: float) -> None:
     raise RuntimeError(f"{target} did not report SERVING within {START_TIMEOUT_S} s")
 
 
-def calls(target: str) -> dict:
-    from services.client import SteeringClient, edit
+def calls(target: str, prompts: list[str]) -> dict:
+    from services.client import Generation, SteeringClient, edit
 
     report: dict = {}
     with SteeringClient(target, timeout=120) as client:
@@ -113,13 +114,18 @@ def calls(target: str) -> dict:
                               "was_steered": text.steered, "risk": text.risk.score}
         image = client.generate_image("demo-sdxl-turbo", "a red ball", num_inference_steps=1, seed=0)
         report["image_png_header"] = image.png[:8].hex()
+        report["prompts"] = [
+            {"prompt": p, "text": r.completion.text, "risk": r.risk.score}
+            for p in prompts
+            for r in [client.generate("demo-lm", p, generation=Generation(max_new_tokens=16), seed=0)]
+        ]
     with grpc.insecure_channel(target) as channel:  # Ray Serve's own health RPC (KubeRay's probe)
         report["healthz"] = channel.unary_unary("/ray.serve.RayServeAPIService/Healthz")(b"", timeout=10).decode(
             "utf-8", "replace")
     return report
 
 
-def main(config_path: str, workdir: str, num_cpus: str) -> int:
+def main(config_path: str, workdir: str, num_cpus: str, prompts_json: str = "[]") -> int:
     work = Path(workdir)
     config = yaml.safe_load(Path(config_path).read_text())
     target = f"127.0.0.1:{config['grpc_options']['port']}"
@@ -132,7 +138,7 @@ def main(config_path: str, workdir: str, num_cpus: str) -> int:
         report["deploy_s"] = deploy(Path(config_path), dashboard, head, deadline)
         wait_serving(target, head, deadline)
         report["serving_after_s"] = time.time() - started
-        report.update(calls(target))
+        report.update(calls(target, json.loads(prompts_json)))
     except Exception:  # noqa: BLE001 - reported to the test, with the cluster's log tail
         report["error"] = traceback.format_exc()[-3000:]
         log = work / "ray.log"
@@ -144,4 +150,4 @@ def main(config_path: str, workdir: str, num_cpus: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))

@@ -15,6 +15,7 @@ byte for byte as rendered.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -69,7 +70,10 @@ def cpu_demo_report() -> dict:
     (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     work = Path(tempfile.mkdtemp(prefix="k8s-serve-"))
     (work / "serveConfigV2.yaml").write_text(text)  # the string exactly as KubeRay reads it from the manifest
-    argv = [sys.executable, str(CHECK), str(work / "serveConfigV2.yaml"), str(work), workers["rayStartParams"]["num-cpus"]]
+    readme = (REPO_ROOT / "README.md").read_text()
+    prompts = re.findall(r'generate --model demo-lm "(the owl lives in the river [^"]*)"', readme)
+    argv = [sys.executable, str(CHECK), str(work / "serveConfigV2.yaml"), str(work), workers["rayStartParams"]["num-cpus"],
+            json.dumps(prompts)]
     with image_layout():
         run = subprocess.run(isolated_command(argv, (config["grpc_options"]["port"], config["http_options"]["port"])),
                              capture_output=True, text=True, timeout=600)
@@ -89,6 +93,18 @@ def test_cpu_demo_serve_config_serves_generate_image_and_health(cpu_demo_report)
     assert g["was_steered"] and g["steered"] and g["steered"] != g["default"]
     assert 0.0 <= g["risk"] <= 1.0
     assert bytes.fromhex(r["image_png_header"]) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_readme_walk_through_risk_example_holds_on_the_deployed_demo(cpu_demo_report):
+    """The README's owl prompts through the deployed service, as its CLI walk-through sends them:
+    the grounded question answered from the context at a low risk, the ungrounded one answered
+    anyway at the high risk the README quotes."""
+    grounded, ungrounded = cpu_demo_report["prompts"]
+    readme = (REPO_ROOT / "README.md").read_text()
+    low = float(re.search(r"at a final risk of (\d\.\d\d)", readme)[1])
+    high = float(re.search(r"says so: (\d\.\d\d)", readme)[1])
+    assert grounded["text"].startswith("river") and abs(grounded["risk"] - low) < 0.01, grounded
+    assert ungrounded["text"].startswith("red") and abs(ungrounded["risk"] - high) < 0.01, ungrounded
 
 
 def test_gpu_serve_config_resolves_and_fits_its_worker_group():

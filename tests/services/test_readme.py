@@ -65,7 +65,7 @@ def test_the_walk_through_risk_claims_hold_on_the_shipped_demo_model():
     from sae_runtime.demo.eval import load_backend
 
     prompts = re.findall(r'generate --model demo-lm "(the owl lives in the river [^"]*)"', README)
-    claimed = [float(re.search(pattern, README)[1]) for pattern in (r"at a risk of (\d\.\d\d)", r"says so: (\d\.\d\d)")]
+    claimed = [float(re.search(pattern, README)[1]) for pattern in (r"at a final risk of (\d\.\d\d)", r"says so: (\d\.\d\d)")]
     assert len(prompts) == 2 and len(claimed) == 2, (prompts, claimed)
     torch.set_num_threads(1)
     backend = load_backend(Path(__file__).resolve().parents[2] / "models", batch=2)
