@@ -24,6 +24,7 @@ Example (configs/demo.yaml)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -36,11 +37,15 @@ from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 
 #: The import path of the application builder, for Serve config files.
 APP_IMPORT_PATH = "services.app:build_app"
-#: gRPC servicers the proxy registers: the Steering API and the standard health service.
+#: gRPC servicers the proxy registers: the Steering API, the standard health service, and server
+#: reflection v1 (Ray Serve serves v1alpha itself).
 GRPC_SERVICER_FUNCTIONS = (
     "steering.v1.steering_pb2_grpc.add_SteeringServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.reflection.add_ReflectionV1Servicer_to_server",
 )
+#: How to install what ``saelens:`` SAE entries need (sae_runtime.formats.saelens_registry).
+SAELENS_EXTRA = "pip install 'sae-steering[saelens]'"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -80,15 +85,49 @@ class _Located(_Strict):
         return str((base_dir / os.path.expanduser(self.path)).resolve())
 
 
+class SaelensName(_Strict):
+    """An SAE named as in SAELens: ``{release: gemma-scope-2b-pt-res-canonical, sae_id: layer_20/width_16k/canonical}``."""
+
+    release: str = Field(min_length=1)
+    sae_id: str = Field(min_length=1)
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
     hook_name: str | None = None  # overrides the hook recorded in the SAE's own config
+    #: Instead of path/hub_id: a SAELens release + sae_id (needs the optional extra sae-lens).
+    saelens: SaelensName | None = None
+    #: A Neuronpedia explanation export (JSON) whose descriptions become the SAE's labels.
+    labels: str | None = None
+    #: ``<modelId>/<layer>`` of the SAE in a multi-SAE export (default: the SAE's own neuronpedia_id).
+    neuronpedia_id: str | None = None
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _check_name(value)
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if sum(x is not None for x in (self.path, self.hub_id, self.saelens)) != 1:
+            raise ValueError("give exactly one of 'path', 'hub_id' or 'saelens'")
+        if self.saelens is not None and importlib.util.find_spec("sae_lens") is None:
+            raise ValueError(f"saelens: {{release, sae_id}} needs the optional extra sae-lens, which is not "
+                             f"installed: {SAELENS_EXTRA}")
+        return self
+
+    def to_spec(self, base_dir: Path) -> SaeSpec:
+        labels = None if self.labels is None else str((base_dir / os.path.expanduser(self.labels)).resolve())
+        return SaeSpec(
+            name=self.name,
+            path="" if self.saelens is not None else self.location(base_dir),
+            hook_name=self.hook_name,
+            format=self.format,
+            saelens=None if self.saelens is None else (self.saelens.release, self.saelens.sae_id),
+            labels=labels,
+            neuronpedia_id=self.neuronpedia_id,
+        )
 
 
 class LimitsEntry(_Strict):
@@ -193,9 +232,7 @@ class ModelConfig(_Located):
             name=self.name,
             kind=self.kind,
             path="" if self.demo else self.location(base_dir),
-            saes=tuple(
-                SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format) for s in self.saes
-            ),
+            saes=tuple(s.to_spec(base_dir) for s in self.saes),
             risk_probe=probe,
             description=self.description,
             dtype=self.dtype,

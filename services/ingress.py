@@ -5,7 +5,8 @@ Ray Serve's HTTP proxy, whose requests run through these same methods.
 Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
 routed by ``request.model`` to that model's deployment (DeploymentHandle composition), so clients
 need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
-through :func:`services.errors.grpc_status`; the replica never sees them escape.
+through :func:`services.errors.set_error` (code, message and google.rpc.Status details); the
+replica never sees them escape.
 
 This module imports no torch: the ingress stays small and starts fast.
 """
@@ -26,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.errors import InvalidArgument, NotFound
-from services.errors import Unauthenticated, grpc_status
+from services.errors import Unauthenticated, set_error
 from services.metrics import ingress_metrics
 
 #: Health service names this ingress answers for ("" = the whole server).
@@ -102,9 +103,7 @@ class SteeringIngress:
             status = "OK"
             return response
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, in one place
-            code, details = grpc_status(exc)
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            code, details = set_error(grpc_context, exc)
             status = code.name
             return empty()
         finally:
@@ -148,9 +147,7 @@ class SteeringIngress:
                 yield message
             status = "OK"
         except Exception as exc:  # noqa: BLE001
-            code, details = grpc_status(exc)
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            code, details = set_error(grpc_context, exc)
             status = code.name
             raise _StreamFailed(details) from None
         finally:

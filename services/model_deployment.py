@@ -215,7 +215,7 @@ class ModelServer:
         return convert.encode_result_to_proto(result, timings=timings, versions=self.versions)
 
     def model_info(self) -> pb.ModelInfo:
-        return convert.model_info_to_proto(self.info)
+        return convert.model_info_to_proto(self.info, self.versions)
 
     def search_features(self, request: pb.SearchFeaturesRequest) -> pb.SearchFeaturesResponse:
         """Labelled latents whose label contains ``query`` (case-insensitive), or the latent ``index``."""
