@@ -1,12 +1,12 @@
 """Throughput of heterogeneous batching through the running service (target: >= 4 on 2 cores).
 
-The demo LM (configs/demo.yaml's batching, limits and resources; a stand-in of its size until
+The demo LM (configs/demo.yaml's engine, limits and resources; a stand-in of its size until
 models/demo-lm is built) is served by Ray Serve with the gRPC proxy on loopback. N requests, each
 with its own edit set (8 latents clamped, sometimes 4 more scaled; different latents and values
 per request), greedy, ``--new-tokens`` tokens, are sent
 
 - one at a time (the next request leaves when the previous answer is back), and
-- with ``--concurrency`` (16) in flight, so @serve.batch groups requests with different plans
+- with ``--concurrency`` (16) in flight, so the replica's engine runs requests with different plans
   into one forward pass per step.
 
 Both modes send the same requests; each is timed ``--repeats`` times, alternating, and the
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0, help="override the config's resources.torch_threads")
-    ap.add_argument("--batch-wait", type=float, default=None, help="override the config's batching.batch_wait_timeout_s")
+    ap.add_argument("--max-running-rows", type=int, default=None, help="override the config's engine.max_running_rows")
     ap.add_argument("--client", choices=("aio", "threads"), default="aio", help="concurrent client: grpc.aio tasks or threads")
     args = ap.parse_args()
 
@@ -64,11 +64,11 @@ def main() -> None:
     overrides = {}
     if args.torch_threads:
         overrides["resources"] = {"num_cpus": 0.5, "torch_threads": args.torch_threads}
-    if args.batch_wait is not None:
+    if args.max_running_rows is not None:
         demo = yaml.safe_load(DEMO_CONFIG.read_text())
-        batching = dict(next(m for m in demo["models"] if m["name"] == "demo-lm")["batching"])
-        batching["batch_wait_timeout_s"] = args.batch_wait
-        overrides["batching"] = batching
+        engine = dict(next(m for m in demo["models"] if m["name"] == "demo-lm")["engine"])
+        engine["max_running_rows"] = args.max_running_rows
+        overrides["engine"] = engine
     with demo_lm_setup(**overrides) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
             (info,) = [m for m in client.list_models() if m.name == setup.model]
@@ -110,7 +110,7 @@ def main() -> None:
     batch_sizes = [r.timings.batch_size for r in outputs["concurrent"]]
     print(f"machine: {machine()}")
     entry = setup.config["models"][0]
-    print(f"model: {setup.what}; replica resources {entry.get('resources')}, batching {entry.get('batching')}")
+    print(f"model: {setup.what}; replica resources {entry.get('resources')}, engine {entry.get('engine')}")
     print(f"requests {args.requests}, each with its own edit set; {args.new_tokens} new tokens each; "
           f"concurrency {args.concurrency} ({args.client} client); repeats {args.repeats} (median)")
     throughput = {}

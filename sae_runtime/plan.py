@@ -167,6 +167,38 @@ def _check_scope(scope: Scope, field: str) -> Scope:
     return scope
 
 
+#: Scope fields each model kind reads; any other field set away from its default is refused.
+SCOPE_FIELDS_BY_KIND: dict[str, frozenset[str]] = {
+    "causal_lm": frozenset({"tokens"}),
+    "llava": frozenset({"tokens", "vision"}),
+    "sdxl_turbo": frozenset({"mask", "step_start", "step_end", "cfg_half"}),
+}
+_SCOPE_DEFAULTS = {"tokens": TokenScope.ALL, "vision": VisionScope.ALL, "mask": None, "step_start": 0,
+                   "step_end": None, "cfg_half": CfgHalf.BOTH}
+
+
+def check_scope_applies(scope: Scope, kind: str, field: str = "plan.scope") -> None:
+    """InvalidArgument naming the first scope field that ``kind`` models do not read but that is set
+    (a vision scope or a mask on a causal LM, a token scope on SDXL-Turbo), instead of ignoring it."""
+    applies = SCOPE_FIELDS_BY_KIND.get(kind)
+    if applies is None:
+        return
+    for name, default in _SCOPE_DEFAULTS.items():
+        value = getattr(scope, name)
+        is_set = value is not None if default is None else value != default
+        if name not in applies and is_set:
+            raise InvalidArgument(f"does not apply to a {kind} model (it reads only {', '.join(sorted(applies))})",
+                                  field=f"{field}.{name}")
+
+
+def check_seed(seed: object, field: str) -> None:
+    """A request seed is an integer in [0, 2**64) (the API's uint64)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise InvalidArgument(f"must be an integer in [0, 2**64), got {seed!r}", field=field)
+
+
 @dataclass(frozen=True)
 class ReadoutSpec:
     """Which SAEs to read latents from, and how many top latents to keep per position."""

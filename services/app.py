@@ -5,7 +5,8 @@
   config drives ``serve deploy`` and a KubeRay RayService.
 - :func:`build_application` turns a validated config into the app: one ``ModelServer`` deployment
   per model, and the ``SteeringIngress`` that routes to them.
-- :func:`start` / :func:`main` start Ray and Serve with the gRPC proxy (localhost:9000 by default).
+- :func:`start` / :func:`main` start Ray and Serve with the gRPC proxy (localhost:9000 by default)
+  and the HTTP proxy (localhost:8000: OpenAI-compatible API, JSON mirror, playground at ``/``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -
     base = Path(base_dir)
     models = {
         m.name: ModelServer.options(**m.deployment_options()).bind(
-            m.to_spec(base), m.batching.model_dump(), m.resources.torch_threads, m.demo
+            m.to_spec(base), m.resources.torch_threads, m.demo
         )
         for m in config.models
     }
@@ -42,7 +43,7 @@ def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(models, config.auth.model_dump())
+    return ingress.bind(models, config.auth.model_dump(), {"max_body_bytes": config.http.max_body_bytes})
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -92,10 +93,10 @@ def controller_options(config: ServiceConfig) -> dict[str, Any]:
 
 
 def start(
-    config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None, http_port: int = 8000
+    config_path: str | os.PathLike[str], *, ray_init_kwargs: dict[str, Any] | None = None, http_port: int | None = None
 ) -> ServiceConfig:
-    """Start Ray (if needed), Serve with the gRPC proxy, and the application; wait until it runs.
-    (Serve's HTTP proxy also listens, on 127.0.0.1:``http_port``; the API itself is gRPC.)"""
+    """Start Ray (if needed), Serve with the gRPC and HTTP proxies, and the application; wait until
+    it runs. HTTP listens on ``config.http`` (127.0.0.1:8000 by default; ``http_port`` overrides)."""
     import ray
 
     config = load_config(config_path)
@@ -105,7 +106,7 @@ def start(
         ray.init(**(ray_init_kwargs or {}))
     serve.start(
         grpc_options=grpc_options(config),
-        http_options={"host": "127.0.0.1", "port": http_port},
+        http_options={"host": config.http.host, "port": http_port or config.http.port},
         controller_options=controller_options(config),
     )
     app = build_application(config, Path(config_path).resolve().parent)
@@ -141,7 +142,7 @@ def example_call(config: ServiceConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve the SAE steering gRPC API locally (Ctrl-C stops it).")
+    parser = argparse.ArgumentParser(description="Serve the SAE steering API (gRPC and HTTP) locally (Ctrl-C stops it).")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         config = start(args.config, ray_init_kwargs={"_metrics_export_port": args.metrics_port})
-        print(f"\nSAE steering service: gRPC on localhost:{config.grpc.port}, models: "
-              f"{', '.join(m.name for m in config.models)}\n"
+        print(f"\nSAE steering service: gRPC on localhost:{config.grpc.port}, HTTP on http://{config.http.host}:{config.http.port} "
+              f"(playground at /, OpenAI-compatible /v1), models: {', '.join(m.name for m in config.models)}\n"
               f"Metrics: http://localhost:{args.metrics_port}/metrics\nTry:\n{example_call(config)}\n(Ctrl-C to stop)",
               flush=True)
         stop.wait()

@@ -6,12 +6,13 @@
     python -m services.cli search-features --model demo-lm red
     python -m services.cli encode --model demo-lm "the red cat"
     python -m services.cli generate --model demo-llava --image cat.png "what colour is it"
-    python -m services.cli image --model demo-sdxl --set texture:fur=20 --out cat.png "a cat"
+    python -m services.cli image --model demo-sdxl-turbo --sae mid --set 3=20 --out cat.png "a cat"
     python -m services.cli health
 
 Edits name latents by concept label or index: ``--set color:red=8``, ``--ablate 12``. Without
 ``--sae``, a label is looked up among the model's SAEs (it must be unambiguous); an index needs
-``--sae`` unless the model has one SAE.
+``--sae`` unless the model has one SAE. Errors print the status, then the fields, unknown resource
+or limit that the service's google.rpc details name; the exit code is 2.
 """
 
 from __future__ import annotations
@@ -118,6 +119,19 @@ def print_generation(console: Console, response: pb.GenerateResponse) -> None:
     t = response.timings
     console.print(f"[dim]model {response.versions.model} {response.versions.model_version} | queue {t.queue_ms:.1f} ms, "
                   f"compute {t.compute_ms:.1f} ms, batch {t.batch_size}[/dim]")
+
+
+def print_error(console: Console, err: SteeringError) -> None:
+    """The status, then what its google.rpc details say: the fields at fault, the unknown
+    resource, the limits exceeded."""
+    console.print(f"[red]error[/red] {err.code.name}: {err.details}", highlight=False)
+    for field, description in err.field_violations:
+        console.print(f"  bad field [bold]{field}[/bold]: {description}", highlight=False)
+    if err.resource is not None:
+        kind, name = err.resource
+        console.print(f"  not found: {kind} {name!r}" if name else f"  not found: {kind}", highlight=False)
+    for subject, description in err.quota_violations:
+        console.print(f"  over the limit [bold]{subject}[/bold]: {description}", highlight=False)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -287,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.func(client, args, console)
         except SteeringError as err:
-            console.print(f"[red]error[/red] {err.code.name}: {err.details}")
+            print_error(console, err)
             return 2
         except UsageError as err:
             console.print(f"[red]usage error[/red]: {err}")

@@ -8,8 +8,9 @@
         print(out.completion.text, "| unsteered:", out.default_completion.text, "| risk:", out.risk.score)
 
 Methods return the response proto messages (typed by the generated ``.pyi`` stubs). Failures
-raise :class:`SteeringError` with the gRPC status ``code``, the ``details`` and the request
-``field`` they name.
+raise :class:`SteeringError` with the gRPC status ``code``, the ``details``, the request ``field``
+they name, and the structured details the service sends in ``grpc-status-details-bin``
+(``google.rpc.BadRequest`` field violations, ``ResourceInfo``, ``QuotaFailure``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The trailer holding the serialized google.rpc.Status of a failed call.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 OPS = {
     "set": pb.EDIT_OP_SET,
@@ -36,14 +40,44 @@ TOKEN_SCOPES = {"all": pb.TOKEN_SCOPE_ALL, "prompt": pb.TOKEN_SCOPE_PROMPT, "gen
 
 
 class SteeringError(Exception):
-    """A failed call: ``code`` (grpc.StatusCode), ``details`` and the request ``field`` named, if any."""
+    """A failed call: ``code`` (grpc.StatusCode), ``details``, the request ``field`` named (if any), and
+    the decoded google.rpc details: ``field_violations`` [(field, description)] (INVALID_ARGUMENT),
+    ``resource`` (type, name) (NOT_FOUND), ``quota_violations`` [(subject, description)]
+    (RESOURCE_EXHAUSTED). ``status`` is the whole google.rpc.Status, or None when the server sent none."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, status: status_pb2.Status | None = None) -> None:
         self.code = code
         self.details = details
+        self.status = status
+        self.field_violations: list[tuple[str, str]] = []
+        self.quota_violations: list[tuple[str, str]] = []
+        self.resource: tuple[str, str] | None = None
+        for packed in status.details if status is not None else ():
+            if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                packed.Unpack(bad)
+                self.field_violations += [(v.field, v.description) for v in bad.field_violations]
+            elif packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                packed.Unpack(quota)
+                self.quota_violations += [(v.subject, v.description) for v in quota.violations]
+            elif packed.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+                info = error_details_pb2.ResourceInfo()
+                packed.Unpack(info)
+                self.resource = (info.resource_type, info.resource_name)
+        named = [f for f, _ in self.field_violations + self.quota_violations if f]
         match = re.match(r"^([A-Za-z_][\w.\[\]]*): ", details or "")
-        self.field = match.group(1) if match else None
+        self.field = named[0] if named else (match.group(1) if match else None)
         super().__init__(f"{code.name}: {details}")
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> "SteeringError":
+        """Decode a failed call, reading the google.rpc.Status in its grpc-status-details-bin trailer."""
+        status = None
+        for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
+            if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+                status = status_pb2.Status.FromString(value)
+        return cls(err.code(), err.details() or "", status)
 
 
 def edit(sae: str, op: str, *targets: int | str, value: float = 0.0, normalize: bool = False) -> pb.LatentEdit:
@@ -135,7 +169,7 @@ class SteeringClient:
         try:
             return rpc(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise SteeringError(err.code(), err.details() or "") from None
+            raise SteeringError.from_rpc_error(err) from None
 
     # -- requests ----------------------------------------------------------------------------------
     @staticmethod
@@ -190,7 +224,7 @@ class SteeringClient:
         try:
             yield from self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise SteeringError(err.code(), err.details() or "") from None
+            raise SteeringError.from_rpc_error(err) from None
 
     def generate_multimodal(self, model: str, image: bytes, prompt: str = "", **options) -> pb.GenerateResponse:
         """Image + text generation (LLaVA); ``options`` as :meth:`text_request`."""

@@ -1,7 +1,7 @@
 """The service's YAML config: a pydantic schema, loading, and the two things built from it.
 
 One file declares the models to serve (base model, SAEs, risk probe, limits, engine, resources,
-replicas), the gRPC port and an optional bearer token. From it come:
+replicas), the gRPC and HTTP ports and an optional bearer token. From it come:
 
 - :meth:`ModelConfig.to_spec`: the ``sae_runtime`` :class:`ModelSpec` a backend is built from;
 - :func:`render_serve_config`: a Ray Serve config dict (``applications`` + ``grpc_options``), the
@@ -24,6 +24,7 @@ Example (configs/demo.yaml)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -36,11 +37,15 @@ from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 
 #: The import path of the application builder, for Serve config files.
 APP_IMPORT_PATH = "services.app:build_app"
-#: gRPC servicers the proxy registers: the Steering API and the standard health service.
+#: gRPC servicers the proxy registers: the Steering API, the standard health service, and server
+#: reflection v1 (Ray Serve serves v1alpha itself).
 GRPC_SERVICER_FUNCTIONS = (
     "steering.v1.steering_pb2_grpc.add_SteeringServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.reflection.add_ReflectionV1Servicer_to_server",
 )
+#: How to install what ``saelens:`` SAE entries need (sae_runtime.formats.saelens_registry).
+SAELENS_EXTRA = "pip install 'sae-steering[saelens]'"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -80,15 +85,49 @@ class _Located(_Strict):
         return str((base_dir / os.path.expanduser(self.path)).resolve())
 
 
+class SaelensName(_Strict):
+    """An SAE named as in SAELens: ``{release: gemma-scope-2b-pt-res-canonical, sae_id: layer_20/width_16k/canonical}``."""
+
+    release: str = Field(min_length=1)
+    sae_id: str = Field(min_length=1)
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
     hook_name: str | None = None  # overrides the hook recorded in the SAE's own config
+    #: Instead of path/hub_id: a SAELens release + sae_id (needs the optional extra sae-lens).
+    saelens: SaelensName | None = None
+    #: A Neuronpedia explanation export (JSON) whose descriptions become the SAE's labels.
+    labels: str | None = None
+    #: ``<modelId>/<layer>`` of the SAE in a multi-SAE export (default: the SAE's own neuronpedia_id).
+    neuronpedia_id: str | None = None
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _check_name(value)
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if sum(x is not None for x in (self.path, self.hub_id, self.saelens)) != 1:
+            raise ValueError("give exactly one of 'path', 'hub_id' or 'saelens'")
+        if self.saelens is not None and importlib.util.find_spec("sae_lens") is None:
+            raise ValueError(f"saelens: {{release, sae_id}} needs the optional extra sae-lens, which is not "
+                             f"installed: {SAELENS_EXTRA}")
+        return self
+
+    def to_spec(self, base_dir: Path) -> SaeSpec:
+        labels = None if self.labels is None else str((base_dir / os.path.expanduser(self.labels)).resolve())
+        return SaeSpec(
+            name=self.name,
+            path="" if self.saelens is not None else self.location(base_dir),
+            hook_name=self.hook_name,
+            format=self.format,
+            saelens=None if self.saelens is None else (self.saelens.release, self.saelens.sae_id),
+            labels=labels,
+            neuronpedia_id=self.neuronpedia_id,
+        )
 
 
 class LimitsEntry(_Strict):
@@ -193,9 +232,7 @@ class ModelConfig(_Located):
             name=self.name,
             kind=self.kind,
             path="" if self.demo else self.location(base_dir),
-            saes=tuple(
-                SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format) for s in self.saes
-            ),
+            saes=tuple(s.to_spec(base_dir) for s in self.saes),
             risk_probe=probe,
             description=self.description,
             dtype=self.dtype,
@@ -234,6 +271,17 @@ class GrpcEntry(_Strict):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 20, le=(1 << 31) - 1)
 
 
+class HttpEntry(_Strict):
+    """The HTTP API (services/http) on Ray Serve's HTTP proxy. ``host`` is where ``python -m
+    services.app`` listens (loopback by default, like a local gRPC client's target); rendered
+    Serve configs for clusters listen on all interfaces."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    #: Larger request bodies are refused with 413 (the counterpart of grpc.max_message_bytes).
+    max_body_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 16, le=(1 << 31) - 1)
+
+
 class AuthEntry(_Strict):
     """Optional bearer token (``authorization: Bearer <token>`` metadata) for Steering RPCs.
 
@@ -260,6 +308,7 @@ class IngressEntry(_Strict):
 class ServiceConfig(_Strict):
     app_name: str = "steering"
     grpc: GrpcEntry = GrpcEntry()
+    http: HttpEntry = HttpEntry()
     auth: AuthEntry = AuthEntry()
     ingress: IngressEntry = IngressEntry()
     models: tuple[ModelConfig, ...] = Field(min_length=1)
@@ -312,7 +361,7 @@ def load_config(path: str | os.PathLike[str]) -> ServiceConfig:
     return parse_config(data, source=str(p))
 
 
-def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int = 8000) -> dict[str, Any]:
+def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int | None = None) -> dict[str, Any]:
     """A Ray Serve config (ServeDeploySchema) serving ``config``: one application whose builder
     receives the whole validated config as args, plus the gRPC proxy options.
 
@@ -324,7 +373,7 @@ def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[st
         grpc_options["request_timeout_s"] = config.grpc.request_timeout_s
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": http_port},
+        "http_options": {"host": "0.0.0.0", "port": http_port or config.http.port},
         "grpc_options": grpc_options,
         "applications": [
             {

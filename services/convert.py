@@ -287,8 +287,10 @@ def encode_result_to_proto(result: rt.EncodeResult, *, timings: pb.Timings, vers
     return msg
 
 
-def model_info_to_proto(info: rt.ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(
+def model_info_to_proto(info: rt.ModelInfo, versions: pb.Versions | None = None) -> pb.ModelInfo:
+    """ListModels' entry; ``versions`` (what responses carry) fills the model and SAE versions, so
+    both report the same strings."""
+    msg = pb.ModelInfo(
         name=info.name,
         kind=info.kind,
         description=info.description,
@@ -307,3 +309,8 @@ def model_info_to_proto(info: rt.ModelInfo) -> pb.ModelInfo:
         has_risk_probe=info.has_risk_probe,
         version=info.version,
     )
+    if versions is not None:
+        msg.version = versions.model_version
+        for sae in msg.saes:
+            sae.version = versions.saes.get(sae.name, sae.version)
+    return msg

@@ -1,9 +1,12 @@
-"""The ingress deployment: serves the Steering and grpc.health.v1.Health services.
+"""The ingress deployment: serves the Steering and grpc.health.v1.Health services over gRPC, and
+the HTTP API (services/http: OpenAI-compatible endpoints, a JSON mirror, the playground) through
+Ray Serve's HTTP proxy, whose requests run through these same methods.
 
 Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
 routed by ``request.model`` to that model's deployment (DeploymentHandle composition), so clients
 need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
-through :func:`services.errors.grpc_status`; the replica never sees them escape.
+through :func:`services.errors.set_error` (code, message and google.rpc.Status details); the
+replica never sees them escape.
 
 This module imports no torch: the ingress stays small and starts fast.
 """
@@ -24,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.errors import InvalidArgument, NotFound
-from services.errors import Unauthenticated, grpc_status
+from services.errors import Unauthenticated, set_error
 from services.metrics import ingress_metrics
 
 #: Health service names this ingress answers for ("" = the whole server).
@@ -38,8 +41,11 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @serve.deployment
+@serve.ingress()
 class SteeringIngress:
-    def __init__(self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None, http: dict[str, Any] | None = None
+    ) -> None:
         # Handles are built where the app was bound, with that process' transport default; follow
         # this replica's RAY_SERVE_USE_GRPC_BY_DEFAULT (services.app.ray_env) for the model hop.
         grpc_data_plane = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1"
@@ -47,6 +53,13 @@ class SteeringIngress:
         self._token = _resolve_token(auth or {})
         self._metrics = ingress_metrics()
         self._model_infos: dict[str, pb.ModelInfo] = {}
+        self._http_options = http or {}
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The HTTP API's app around this replica (Ray Serve calls it after ``__init__``)."""
+        from services.http import build_http_app
+
+        return build_http_app(self, **self._http_options)
 
     # -- plumbing --------------------------------------------------------------------------------
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
@@ -90,9 +103,7 @@ class SteeringIngress:
             status = "OK"
             return response
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, in one place
-            code, details = grpc_status(exc)
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            code, details = set_error(grpc_context, exc)
             status = code.name
             return empty()
         finally:
@@ -136,9 +147,7 @@ class SteeringIngress:
                 yield message
             status = "OK"
         except Exception as exc:  # noqa: BLE001
-            code, details = grpc_status(exc)
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            code, details = set_error(grpc_context, exc)
             status = code.name
             raise _StreamFailed(details) from None
         finally:
@@ -211,10 +220,6 @@ class SteeringIngress:
         for name in self._models:
             response.statuses[name].status = await self._probe([name])
         return response
-
-    # -- HTTP: a pointer, since the API is gRPC ----------------------------------------------------
-    async def __call__(self, _request: Any) -> str:
-        return "This is the SAE steering service; its API is gRPC (steering.v1.Steering), see the README.\n"
 
 
 async def status_changes(probe: Callable[[], Awaitable[int]], interval_s: float) -> AsyncIterator[int]:

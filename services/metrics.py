@@ -34,6 +34,12 @@ class ModelMetrics:
     risk: metrics.Histogram
     load_s: metrics.Histogram
     sae_load_s: metrics.Histogram
+    running_rows: metrics.Gauge
+    waiting: metrics.Gauge
+    kv_tokens: metrics.Gauge
+    step_ms: metrics.Histogram
+    first_token_ms: metrics.Histogram
+    inter_token_ms: metrics.Histogram
 
 
 @functools.cache
@@ -58,19 +64,19 @@ def model_metrics() -> ModelMetrics:
     return ModelMetrics(
         queue_ms=metrics.Histogram(
             "steering_queue_ms",
-            description="Time from arrival at the service to the start of the request's batch, in ms.",
+            description="Time from arrival at the service to admission by the engine (or the start of an image batch), in ms.",
             boundaries=LATENCY_MS_BUCKETS,
             tag_keys=("model", "method"),
         ),
         compute_ms=metrics.Histogram(
             "steering_compute_ms",
-            description="Duration of the batched backend call a request was part of, in ms.",
+            description="Time from admission by the engine to the request's end (image models: its batch's call), in ms.",
             boundaries=LATENCY_MS_BUCKETS,
             tag_keys=("model", "method"),
         ),
         batch_size=metrics.Histogram(
             "steering_batch_size",
-            description="Requests per batched backend call.",
+            description="Rows running in the engine when a request was admitted (image models: requests per batch).",
             boundaries=BATCH_SIZE_BUCKETS,
             tag_keys=("model", "method"),
         ),
@@ -102,4 +108,16 @@ def model_metrics() -> ModelMetrics:
             boundaries=LOAD_S_BUCKETS,
             tag_keys=("model", "sae"),
         ),
+        running_rows=metrics.Gauge("steering_engine_running_rows", description="Rows decoding in the engine after its last step.",
+                                   tag_keys=("model",)),
+        waiting=metrics.Gauge("steering_engine_waiting_requests", description="Requests waiting for admission after the engine's last step.",
+                              tag_keys=("model",)),
+        kv_tokens=metrics.Gauge("steering_engine_kv_tokens", description="KV-cache positions held (padding included) after the last step.",
+                                tag_keys=("model",)),
+        step_ms=metrics.Histogram("steering_engine_step_ms", description="Duration of one engine step (its prefill and decode forwards), in ms.",
+                                  boundaries=LATENCY_MS_BUCKETS, tag_keys=("model",)),
+        first_token_ms=metrics.Histogram("steering_time_to_first_token_ms", description="Submission to first generated token, in ms.",
+                                         boundaries=LATENCY_MS_BUCKETS, tag_keys=("model",)),
+        inter_token_ms=metrics.Histogram("steering_inter_token_latency_ms", description="Time between consecutive generated tokens, in ms.",
+                                         boundaries=LATENCY_MS_BUCKETS, tag_keys=("model",)),
     )

@@ -87,13 +87,13 @@ def build_tiny_models(root: Path) -> Path:
         "ingress": {"num_cpus": 0.1},
         "models": [
             {"name": "tiny-lm", "kind": "causal_lm", "path": "lm", "saes": [{"name": "res", "path": str(lm_sae)}], "risk_probe": "risk",
-             "limits": {"max_new_tokens": 32, "max_batch_size": 16}, "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
+             "limits": {"max_new_tokens": 32, "max_batch_size": 16}, "engine": {"max_running_rows": 16},
              "resources": small, "max_ongoing_requests": 64},
             {"name": "tiny-llava", "kind": "llava", "path": "llava", "saes": [{"name": "vis", "path": str(vis_sae)}],
-             "limits": {"max_new_tokens": 32, "max_batch_size": 8}, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+             "limits": {"max_new_tokens": 32, "max_batch_size": 8}, "engine": {"max_running_rows": 8},
              "resources": small, "max_ongoing_requests": 32},
             {"name": "tiny-sdxl", "kind": "sdxl_turbo", "path": "sdxl", "saes": [{"name": "mid", "path": str(img_sae)}],
-             "limits": {"max_inference_steps": 2, "max_batch_size": 4}, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+             "limits": {"max_inference_steps": 2, "max_batch_size": 4}, "engine": {"max_running_rows": 4},
              "resources": small, "max_ongoing_requests": 16},
         ],
     }

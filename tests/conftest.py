@@ -4,7 +4,7 @@ service every service-level test directory shares (tests/services, tests/reliabi
 The session builds real artifacts in a temp dir: a tiny Llama causal LM (save_pretrained), a
 labelled SAE in the native format, a risk probe, a tiny LLaVA with a vision SAE, a tiny SDXL-Turbo
 pipeline with a U-Net SAE; it writes a YAML config and serves it with ``services.app.start`` on one
-in-process Ray instance, through the real gRPC proxy on a free localhost port, with Ray's
+in-process Ray instance, through the real gRPC and HTTP proxies on free localhost ports, with Ray's
 Prometheus metrics on another free port. Replicas ask for 0.1 CPU. Ray starts on first use and
 shuts down at the end of the session.
 """
@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 class Service:
     target: str
     metrics_url: str
+    http_url: str  # the HTTP API (services/http) on Serve's HTTP proxy
     config_path: Path
     artifacts: Path
 
@@ -45,16 +46,16 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def service(artifacts) -> Service:
-    """Ray + Serve with the gRPC proxy, serving the session's config; shut down at the end."""
+    """Ray + Serve with the gRPC and HTTP proxies, serving the session's config; shut down at the end."""
     import ray
     from ray import serve
 
     from services.app import start
     from tests.services.helpers import free_port, service_config
 
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     config_path = artifacts / "service.yaml"
-    config_path.write_text(yaml.safe_dump(service_config(grpc_port)))
+    config_path.write_text(yaml.safe_dump(service_config(grpc_port, http_port)))
     ray_init = dict(
         address="local",  # always a fresh cluster of our own, never one found on the machine
         num_cpus=2,
@@ -64,8 +65,10 @@ def service(artifacts) -> Service:
         configure_logging=False,
     )
     try:
-        start(config_path, ray_init_kwargs=ray_init, http_port=free_port())
-        yield Service(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", config_path, artifacts)
+        start(config_path, ray_init_kwargs=ray_init)
+        yield Service(
+            f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{http_port}", config_path, artifacts
+        )
     finally:
         try:
             serve.shutdown()
@@ -83,7 +86,7 @@ def client(service):
 
 def _library_backend(service: Service, model: str):
     """``model`` loaded in the test process through the library: the independent code path."""
-    from services.backend_factory import build_backend
+    from sae_runtime.backends.registry import build_backend
     from services.config import load_config
 
     return build_backend(load_config(service.config_path).model(model).to_spec(service.config_path.parent))

@@ -73,7 +73,7 @@ def _standin(root: Path) -> dict:
 
 @contextmanager
 def demo_lm_setup(**model_overrides) -> Iterator[LmSetup]:
-    """The demo LM's service config (batching, limits and resources as configs/demo.yaml sets them),
+    """The demo LM's service config (engine, limits and resources as configs/demo.yaml sets them),
     with ``model_overrides`` applied to its model entry."""
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     demo_entry = next(m for m in demo["models"] if m["name"] == DEMO_MODEL)
@@ -84,7 +84,7 @@ def demo_lm_setup(**model_overrides) -> Iterator[LmSetup]:
         else:
             base_dir, what = Path(tmp), "stand-in for demo-lm (models/demo-lm not built): random Llama d128 x4 layers, SAE 1024"
             entry = _standin(base_dir)
-        for key in ("batching", "resources", "max_ongoing_requests", "dtype", "device"):
+        for key in ("engine", "resources", "max_ongoing_requests", "dtype", "device"):
             if key in demo_entry:
                 entry[key] = demo_entry[key]
         entry.update(model_overrides)

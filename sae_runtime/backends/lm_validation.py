@@ -14,6 +14,7 @@ from sae_runtime.backends.sampling import new_generator
 from sae_runtime.backends.types import ChatMessage, EncodeRequest, SamplingParams, TextRequest
 from sae_runtime.engine.request import PreparedText
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
+from sae_runtime.plan import check_scope_applies, check_seed
 
 if TYPE_CHECKING:
     from sae_runtime.backends.causal_lm import CausalLmBackend
@@ -81,8 +82,7 @@ def check_sampling(s: SamplingParams, limit: int, field: str) -> SamplingParams:
     for n, text in enumerate(stop):
         if not isinstance(text, str) or not text:
             raise InvalidArgument("stop strings must be non-empty strings", field=f"{field}.stop[{n}]")
-    if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**63):
-        raise InvalidArgument(f"must be an integer in [0, 2**63), got {s.seed!r}", field=f"{field}.seed")
+    check_seed(s.seed, f"{field}.seed")
     return replace(s, temperature=temperature, top_p=top_p, repetition_penalty=repetition, frequency_penalty=frequency, stop=stop)
 
 
@@ -124,6 +124,7 @@ def check_text_request(backend: "CausalLmBackend", request: TextRequest, ids: Se
     if mitigate > 0 and backend.risk_probe is None:
         raise InvalidArgument(f"model {backend.name!r} has no risk probe", field=f"{p}mitigate_risk_top_n")
     plan = request.plan.resolve(backend.saes, max_edits=max(backend.limits.max_edits - mitigate, 0), field_prefix=f"{p}plan")
+    check_scope_applies(plan.scope, backend.kind, f"{p}plan.scope")
     if request.readout is not None:
         request.readout.check(backend.saes, field_prefix=f"{p}readout")
     if not _is_int(request.logprobs) or not 0 <= request.logprobs <= MAX_LOGPROBS:

@@ -41,11 +41,17 @@ def load_spec_saes(spec: ModelSpec) -> tuple[dict[str, Sae], dict[str, float]]:
 
     saes: dict[str, Sae] = {}
     seconds: dict[str, float] = {}
+    from sae_runtime.formats import neuronpedia, saelens_registry
+
     for s in spec.saes:
         started = time.perf_counter()
-        sae = load_sae(resolve_sae_location(s.path), format=s.format, device=spec.device)
+        location = saelens_registry.resolve(*s.saelens) if s.saelens else resolve_sae_location(s.path)
+        sae = load_sae(location, format=s.format, device=spec.device)
         if s.hook_name:
             sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
+        if s.labels:
+            np_id = s.neuronpedia_id or sae.cfg.metadata.get("neuronpedia_id")
+            sae.labels.update(neuronpedia.load_labels(s.labels, sae.d_sae, neuronpedia_id=np_id))
         saes[s.name] = sae
         seconds[s.name] = time.perf_counter() - started
     return saes, seconds

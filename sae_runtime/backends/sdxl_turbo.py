@@ -56,7 +56,7 @@ from sae_runtime.backends.types import (
     label_of,
 )
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
-from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec
+from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, check_scope_applies, check_seed
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
 from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
@@ -187,6 +187,8 @@ class SdxlTurboBackend(Backend):
         height = self._check_side(request.height, f"{p}height")
         width = self._check_side(request.width, f"{p}width")
         plan = request.plan.resolve(self.saes, max_edits=self.limits.max_edits, field_prefix=f"{p}plan")
+        check_scope_applies(plan.scope, self.kind, f"{p}plan.scope")
+        check_seed(request.seed, f"{p}seed")
         scope = plan.scope
         if scope.mask is not None and tuple(scope.mask.shape) != (height, width):
             raise InvalidArgument(f"mask is {tuple(scope.mask.shape)}, the image is {(height, width)} (H, W)", field=f"{p}plan.scope.mask")

@@ -20,6 +20,12 @@ class SaeSpec:
     path: str
     hook_name: str | None = None
     format: str | None = None  # None = detect from the directory's files
+    #: SAELens (release, sae_id), resolved through SAELens' registry instead of ``path``.
+    saelens: tuple[str, str] | None = None
+    #: A Neuronpedia explanation export (JSON) whose descriptions become the SAE's labels.
+    labels: str | None = None
+    #: Picks the SAE in a multi-SAE export: ``<modelId>/<layer>`` (default: the SAE's own neuronpedia_id).
+    neuronpedia_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,8 @@ class PooledLatents:
 @dataclass(frozen=True)
 class Timings:
     """Milliseconds: waiting for admission, admission to the end, admission to the first token;
-    ``batch_size`` = rows running when the request was admitted (its own included)."""
+    ``batch_size`` = requests running in the engine once it was admitted (its own included; image
+    models: requests in its batch)."""
 
     queue_ms: float = 0.0
     compute_ms: float = 0.0
@@ -256,6 +257,43 @@ class Backend(abc.ABC):
         return dict(saes[sae].labels)
 
 
+@dataclass(frozen=True)
+class FeatureMatch:
+    sae: str
+    index: int
+    label: str
+
+
+#: Most features one search returns.
+MAX_SEARCH_LIMIT = 1000
+
+
+def search_features(backend: Backend, query: str, sae: str = "", index: int | None = None, limit: int = 20) -> list[FeatureMatch]:
+    """Labelled latents whose label contains ``query`` (case-insensitive) over ``sae`` (or every
+    SAE), ordered by SAE then index; with ``index``, that latent alone (if its label matches).
+    InvalidArgument names ``limit`` / ``index``; NotFound names ``sae``."""
+    from sae_runtime.errors import InvalidArgument
+
+    if not 0 < limit <= MAX_SEARCH_LIMIT:
+        raise InvalidArgument(f"must be in [1, {MAX_SEARCH_LIMIT}]", field="limit")
+    widths = {s.name: s.d_sae for s in backend.info().saes}
+    needle = query.lower()
+    found: list[FeatureMatch] = []
+    for name in (sae,) if sae else tuple(widths):
+        labels = backend.feature_labels(name)  # NotFound(field="sae") for an unknown SAE
+        if index is not None:
+            if not 0 <= index < widths[name]:
+                raise InvalidArgument(f"latent {index} out of range [0, {widths[name]}) of SAE {name!r}", field="index")
+            label = label_of(labels, index) or ""
+            if needle in label.lower():
+                found.append(FeatureMatch(name, index, label))
+            continue
+        for label, i in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
+            if needle in label.lower():
+                found.append(FeatureMatch(name, int(i), label))
+    return found[:limit]
+
+
 def label_of(labels: Mapping[str, int], index: int) -> str | None:
     """Inverse label lookup (first label naming ``index``), for results."""
     for name, i in labels.items():
@@ -264,4 +302,4 @@ def label_of(labels: Mapping[str, int], index: int) -> str | None:
     return None
 
 
-__all__ = [name for name in dir() if name[0].isupper()] + ["label_of"]
+__all__ = [name for name in dir() if name[0].isupper()] + ["label_of", "search_features"]

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from sae_runtime.backends.causal_lm import CausalLmBackend
-from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import SamplingParams, TextRequest
 from sae_runtime.demo import world
 from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME, first_sentence_completion
@@ -61,6 +61,7 @@ def load_backend(models: str | Path, batch: int = 64) -> CausalLmBackend:
         saes=(SaeSpec(SAE_NAME, str(root / "saes" / SAE_NAME)),),
         risk_probe=str(root / RISK_DIR),
         limits=Limits(max_batch_size=batch, max_new_tokens=64),
+        engine=EngineConfig(max_running_rows=batch),
     )
     return CausalLmBackend.from_spec(spec)
 

@@ -36,7 +36,7 @@ from sae_runtime.engine.plans import PlanTable
 from sae_runtime.engine.request import PreparedText, RequestRun, RequestStatus, SequenceRun
 from sae_runtime.engine.scheduler import EngineConfig, Scheduler
 from sae_runtime.engine.step import ModalityPlugin, StepRunner
-from sae_runtime.errors import Cancelled, DeadlineExceeded, SaeRuntimeError
+from sae_runtime.errors import Cancelled, DeadlineExceeded
 from sae_runtime.steering import AttachedSae
 
 
@@ -175,13 +175,14 @@ class TextEngine(StepLoop):
         new_rows: list[SequenceRun] = []
         for run in admitted:
             run.status, run.admitted = RequestStatus.PREFILLING, started
-            run.running_rows_at_admission = self.scheduler.rows
             for seq in run.sequences:
                 seq.slot = self._free.pop()
                 self.plans.assign(seq.slot, seq.plan, run.reads)
                 self.sampler.assign(seq.slot, run.prepared.request.sampling, seq.generator, run.prepared.prompt_ids)
                 new_rows.append(seq)
             self._running.append(run)
+        for run in admitted:
+            run.running_at_admission = len(self._running)
         prefill_tokens = 0
         with self.plans:
             if new_rows:
@@ -310,7 +311,7 @@ class TextEngine(StepLoop):
                 queue_ms=((run.admitted or now) - run.submitted) * 1e3,
                 compute_ms=(now - (run.admitted or now)) * 1e3,
                 first_token_ms=((run.first_token or now) - (run.admitted or now)) * 1e3,
-                batch_size=run.running_rows_at_admission,
+                batch_size=run.running_at_admission,
             ),
             vision_latents=tuple(position_latents(steered, "prefill", vision_names, top_k, self.labels)) if vision_names else (),
         )

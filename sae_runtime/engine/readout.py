@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_runtime.steering.readout import LatentPool, PhaseReadout, SaeReadout, TopLatents
+from sae_runtime.steering.readout import LatentPool, PhaseReadout, SaeReadout, TopLatents, sum_max
 
 _PHASES = ("prefill", "decode")
 
@@ -63,8 +63,8 @@ class _Pools:
         else:
             counts = valid.sum(1)
         self.count.index_add_(0, slots_t, counts)
-        pooled_before = _sum_max(before, valid)
-        pooled_after = pooled_before if after is before else _sum_max(after, valid)
+        pooled_before = sum_max(before, valid)
+        pooled_after = pooled_before if after is before else sum_max(after, valid)
         for (s, m), total, peak in ((pooled_before, self.sum_before, self.max_before), (pooled_after, self.sum_after, self.max_after)):
             total.index_add_(0, slots_t, s)
             peak.scatter_reduce_(0, slots_t.unsqueeze(1).expand_as(m), m, "amax")
@@ -73,16 +73,6 @@ class _Pools:
         total, peak = (self.sum_after, self.max_after) if after else (self.sum_before, self.max_before)
         mx = peak[slot].cpu()
         return LatentPool(total[slot].cpu(), torch.where(torch.isinf(mx), torch.zeros_like(mx), mx), int(self.count[slot]))
-
-
-def _sum_max(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(sum, max) over valid positions of f (B, T, d): (B, d) each."""
-    if valid is None:
-        if f.shape[1] == 1:
-            return f[:, 0], f[:, 0]
-        return f.sum(1), f.amax(1)
-    w = valid.unsqueeze(-1)
-    return (f * w).sum(1), f.masked_fill(~w, float("-inf")).amax(1)
 
 
 class SlotReadouts:
@@ -138,10 +128,12 @@ class SlotReadouts:
         av, ai = (bv, bi) if after is before else after.topk(k, dim=-1)
         for j, slot in enumerate(slots):
             reads = self._reads[slot]
-            if reads.top_k[name] <= 0:
+            own = min(reads.top_k[name], k)  # this forward's k is its rows' largest
+            if own <= 0:
                 continue
             sel = slice(None) if valid is None else valid[j]
-            reads.chunks.setdefault((name, phase), []).append((bi[j][sel], bv[j][sel], ai[j][sel], av[j][sel]))
+            reads.chunks.setdefault((name, phase), []).append(
+                tuple(t[j][sel][:, :own] for t in (bi, bv, ai, av)))
             reads.grid[(name, phase)] = grid
 
     # -- results ---------------------------------------------------------------------------------

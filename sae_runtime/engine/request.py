@@ -106,7 +106,7 @@ class RequestRun:
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
-    running_rows_at_admission: int = 0
+    running_at_admission: int = 0  # requests running once it was admitted (its own included)
     sent: int = 0  # streamed tokens of the steered row
     cancel_requested: bool = False
     result: Any = None

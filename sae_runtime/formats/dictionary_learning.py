@@ -13,9 +13,18 @@ weights are (out, in), so ``encoder.weight`` is (d_sae, d_in) and ``decoder.weig
 | BatchTopKSAE | encoder.*, decoder.weight, b_dec, buffers k, threshold | batchtopk (scalar threshold) |
 | MatryoshkaBatchTopKSAE | W_enc, b_enc, W_dec, b_dec, buffers k, threshold, group_sizes | batchtopk |
 
-JumpReluAutoEncoder and GatedAutoEncoder multiply latents by ||decoder row i|| after encoding and
-divide by it before decoding; that scale is folded into the weights (exact). BatchTopK classes encode
-at inference with their global threshold (``use_threshold=True``); AutoEncoderTopK with its top-k.
+Latent scale: the loader gives what ``dictionary_learning.utils.load_dictionary`` gives (its
+behaviour since January 2025, checked against the library's own outputs in tests/fixtures/peers):
+
+- AutoEncoder is loaded with ``normalize_decoder=True``: decoder columns are divided by their norms
+  and the encoder rows and bias multiplied by them, so latents are on the unit-decoder scale
+  (StandardTrainerAprilUpdate checkpoints have non-unit decoders). The same fold is applied here.
+- GatedAutoEncoder scales by the decoder norm only when called with ``normalize_decoder=True``
+  (default False, and load_dictionary does not ask for it): no scaling here.
+- JumpReluAutoEncoder applies no norm scaling: none here.
+- BatchTopK classes encode at inference with their global threshold (``use_threshold=True``);
+  AutoEncoderTopK with its top-k; neither rescales.
+
 A residual dictionary for layer i reads the OUTPUT of layer i.
 """
 
@@ -68,12 +77,13 @@ def _map_state(dict_class: str, t: Mapping[str, Tensor], d_in: int, d_sae: int, 
     if dict_class == "AutoEncoder":
         state = _linear_pair(t, d_in, d_sae, path)
         state.update(b_enc=take(t, "encoder.bias", (d_sae,), path), b_dec=take(t, "bias", (d_in,), path))
+        # AutoEncoder.from_pretrained(normalize_decoder=True): latents on the unit-decoder scale.
+        fold_latent_scale(state, state["W_dec"].norm(dim=-1), ("b_enc",))
         return "standard", state
     if dict_class == "GatedAutoEncoder":
         state = _linear_pair(t, d_in, d_sae, path)
         state.update(b_dec=take(t, "decoder_bias", (d_in,), path), r_mag=take(t, "r_mag", (d_sae,), path),
                      b_gate=take(t, "gate_bias", (d_sae,), path), b_mag=take(t, "mag_bias", (d_sae,), path))
-        fold_latent_scale(state, state["W_dec"].norm(dim=-1), ("b_gate", "b_mag"))
         return "gated", state
     if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
         state = _linear_pair(t, d_in, d_sae, path)
@@ -87,7 +97,6 @@ def _map_state(dict_class: str, t: Mapping[str, Tensor], d_in: int, d_sae: int, 
         }
     if dict_class == "JumpReluAutoEncoder":
         state["threshold"] = take(t, "threshold", (d_sae,), path)
-        fold_latent_scale(state, state["W_dec"].norm(dim=-1), ("b_enc", "threshold"))
         return "jumprelu", state
     if dict_class == "AutoEncoderTopK":
         return "topk", state

@@ -14,7 +14,10 @@ Both config layouts are read:
 ``fold_activation_norm_scaling_factor`` does (W_enc * s, W_dec / s, b_dec / s) when a factor is known:
 the ``norm_scaling_factor`` load option, else ``activation_scaler.json``'s ``scaling_factor``, else a
 ``norm_scaling_factor`` key in cfg.json. A pre-6.0 finetuning ``scaling_factor`` tensor (latents times
-s before decode) is folded into W_dec's rows. Labels are read from an optional ``labels.json``.
+s before decode) is folded into W_dec's rows. ``covariance_whitening`` (a mid-training checkpoint with
+``activation_whitening.safetensors``) is folded in as SAELens' trainer folds it at the end of training
+(:mod:`sae_runtime.formats.whitening`), after any scaling factor; without that file it is refused.
+Labels are read from an optional ``labels.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sae_runtime.formats.common import (
     read_json,
     read_safetensors,
 )
+from sae_runtime.formats.whitening import WHITENING_MODE, fold_whitening, read_whitening
 from sae_runtime.saes import Sae, SaeConfig
 from sae_runtime.saes.base import NORMALIZATIONS
 
@@ -129,7 +133,9 @@ def find_norm_scaling_factor(directory: Path, raw: Mapping[str, Any], opts: Load
 def load(directory: Path, opts: LoadOptions) -> Sae:
     cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
     raw = read_json(cfg_path)
-    cfg = read_config(raw, cfg_path)
+    whitened = raw.get("normalize_activations") == WHITENING_MODE
+    cfg = read_config({**raw, "normalize_activations": "none"} if whitened else raw, cfg_path)
+    whitening = read_whitening(directory, cfg.d_in) if whitened else None
     tensors = dict(read_safetensors(weights_path))
     file_dtype = next((t.dtype for k, t in tensors.items() if k == "W_dec"), None)
 
@@ -142,6 +148,9 @@ def load(directory: Path, opts: LoadOptions) -> Sae:
                               field=str(weights_path))
         state["W_dec"] = state["W_dec"] * scale[:, None]
 
+    if whitening is not None:  # the SAE reads (x * factor - mean) @ M: the whitening is the inner fold
+        cfg = fold_whitening(cfg, state, whitening, weights_path)
+        cfg = cfg.replace(metadata={**cfg.metadata, "normalize_activations_folded": WHITENING_MODE})
     factor = find_norm_scaling_factor(directory, raw, opts)
     if factor is not None:
         fold_norm_scaling_factor(state, factor)

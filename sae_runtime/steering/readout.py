@@ -71,6 +71,17 @@ class SaeReadout:
         return self.phases.get("decode")
 
 
+def sum_max(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(sum, max) of latents f (R, N, d_sae) over the valid positions of each row: (R, d_sae) each.
+    ``valid`` (R, N) bool, None = all valid."""
+    if valid is None:
+        if f.shape[1] == 1:
+            return f[:, 0], f[:, 0]
+        return f.sum(1), f.amax(1)
+    w = valid.unsqueeze(-1)
+    return (f * w).sum(1), f.masked_fill(~w, float("-inf")).amax(1)
+
+
 @dataclass
 class _Chunk:
     rows: tuple[int, ...]  # plan row of each entry
@@ -108,9 +119,9 @@ class ReadoutAccumulator:
         bv, bi = before.topk(self.top_k, dim=-1)
         av, ai = (bv, bi) if after is before else after.topk(self.top_k, dim=-1)
         self.chunks.append(_Chunk(rows, valid, bi, bv, ai, av))
-        pooled = self._pool(before, valid)
+        pooled = sum_max(before, valid)
         for f, total, peak in ((before, self.sum_before, self.max_before), (after, self.sum_after, self.max_after)):
-            s, m = pooled if f is before else self._pool(f, valid)
+            s, m = pooled if f is before else sum_max(f, valid)
             if rows_t is None:
                 total.add_(s)
                 torch.maximum(peak, m, out=peak)
@@ -124,16 +135,6 @@ class ReadoutAccumulator:
             self.count.add_(valid.sum(1))
         else:
             self.count.index_add_(0, rows_t, valid.sum(1))
-
-    @staticmethod
-    def _pool(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(sum, max) over valid positions: (R, d_sae) each."""
-        if valid is None:
-            if f.shape[1] == 1:
-                return f[:, 0], f[:, 0]
-            return f.sum(1), f.amax(1)
-        w = valid.unsqueeze(-1)
-        return (f * w).sum(1), f.masked_fill(~w, float("-inf")).amax(1)
 
     def _merged_chunks(self) -> list[_Chunk]:
         """The chunks on the CPU, runs of consecutive chunks over the same rows concatenated along

@@ -110,7 +110,7 @@ BROKEN_APP = "broken"
 
 def lm_model(name: str, sae_dir) -> dict:
     return {"name": name, "kind": "causal_lm", "path": "lm", "saes": [{"name": LM_SAE, "path": str(sae_dir), "format": "native"}],
-            "limits": {"max_new_tokens": 8}, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+            "limits": {"max_new_tokens": 8}, "engine": {"max_running_rows": 4},
             "resources": {"num_cpus": 0.1, "torch_threads": 1}, "max_ongoing_requests": 8}
 
 

@@ -103,7 +103,8 @@ def draw_plan(draw, model: str, wild: frozenset[str], kind: str) -> pb.Intervent
             scope.step_end = draw(wild_int32)
     elif kind == "text":
         scope.tokens = draw(st.integers(0, 2))
-        scope.vision = draw(st.integers(0, 1))
+        if model == VLM:  # a vision scope on a causal LM is INVALID_ARGUMENT (it does not apply)
+            scope.vision = draw(st.integers(0, 1))
     else:
         scope.step_start = draw(st.integers(0, 1))
         if draw(st.booleans()):

@@ -160,7 +160,7 @@ def test_a_malicious_pickle_in_a_dictionary_learning_ae_pt_is_refused_and_never_
     the same path loads a benign file in the same place, and the payload is live (it runs under a
     plain torch.load), so the refusal is weights_only at work."""
     from sae_runtime.errors import FormatError
-    from services.backend_factory import build_backend
+    from sae_runtime.backends.registry import build_backend
     from services.config import parse_config
 
     marker = tmp_path / "pwned"

@@ -228,48 +228,53 @@ def write_dictionary_learning(directory: Path, dict_class: str, state: dict, **t
     write_json(directory / "config.json", {"trainer": trainer, "buffer": {"d_submodule": D_IN}})
 
 
-def test_dictionary_learning_autoencoder(tmp_path):
+def test_dictionary_learning_autoencoder_is_loaded_with_normalize_decoder(tmp_path):
+    """AutoEncoder.from_pretrained(normalize_decoder=True), as load_dictionary calls it: latents on the
+    unit-decoder scale (f * ||decoder column i||), decoding unchanged."""
     state = {"bias": rand(D_IN), "encoder.weight": rand(D_SAE, D_IN), "encoder.bias": rand(D_SAE),
-             "decoder.weight": rand(D_IN, D_SAE)}
+             "decoder.weight": rand(D_IN, D_SAE) * 3}
     write_dictionary_learning(tmp_path, "AutoEncoder", state)
     t = {k: v.double() for k, v in state.items()}
     sae = load_sae(tmp_path)
     assert detect_format(tmp_path) == "dictionary_learning"
     assert (sae.cfg.architecture, sae.cfg.hook_name, sae.cfg.metadata["layer"]) == ("standard", "resid_2", 2)
     x = x_batch()
-    f = torch.clamp((x.double() - t["bias"]) @ t["encoder.weight"].T + t["encoder.bias"], min=0)
+    norms = t["decoder.weight"].norm(dim=0)
+    assert float(norms.min()) > 1.5  # far from unit norm: the fold is visible
+    f = torch.clamp((x.double() - t["bias"]) @ t["encoder.weight"].T + t["encoder.bias"], min=0) * norms
     close(sae.encode(x), f)
-    close(sae.decode(f.float()), f @ t["decoder.weight"].T + t["bias"])
+    close(sae.decode(f.float()), (f / norms) @ t["decoder.weight"].T + t["bias"])
+    close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
 
 
-def test_dictionary_learning_jumprelu_folds_decoder_norm_scaling(tmp_path):
+def test_dictionary_learning_jumprelu_applies_no_norm_scaling(tmp_path):
     state = {"W_enc": rand(D_IN, D_SAE), "b_enc": rand(D_SAE), "W_dec": rand(D_SAE, D_IN) * 2,
              "b_dec": rand(D_IN), "threshold": rand(D_SAE, scale=0.3).abs()}
     write_dictionary_learning(tmp_path, "JumpReluAutoEncoder", state)
     t = {k: v.double() for k, v in state.items()}
     sae = load_sae(tmp_path)
     assert not sae.cfg.apply_b_dec_to_input
-    # dictionary_learning: f = relu(h * (h > thr)) * ||W_dec[i]||; decode: (f / ||W_dec[i]||) @ W_dec + b_dec
+    # dictionary_learning (since January 2025): f = relu(h * (h > thr)); decode: f @ W_dec + b_dec
     x = x_batch()
     h = x.double() @ t["W_enc"] + t["b_enc"]
-    norms = t["W_dec"].norm(dim=1)
-    f = torch.clamp(h * (h > t["threshold"]), min=0) * norms
+    f = torch.clamp(h * (h > t["threshold"]), min=0)
     close(sae.encode(x), f)
-    close(sae.decode(f.float()), (f / norms) @ t["W_dec"] + t["b_dec"])
+    close(sae.decode(f.float()), f @ t["W_dec"] + t["b_dec"])
 
 
-def test_dictionary_learning_gated_folds_decoder_norm_scaling(tmp_path):
+def test_dictionary_learning_gated_applies_no_norm_scaling(tmp_path):
+    """GatedAutoEncoder scales by decoder norms only with normalize_decoder=True, which load_dictionary
+    does not pass."""
     state = {"decoder_bias": rand(D_IN), "encoder.weight": rand(D_SAE, D_IN), "r_mag": rand(D_SAE) * 0.3,
              "gate_bias": rand(D_SAE), "mag_bias": rand(D_SAE), "decoder.weight": rand(D_IN, D_SAE) * 2}
     write_dictionary_learning(tmp_path, "GatedAutoEncoder", state)
     t = {k: v.double() for k, v in state.items()}
     x = x_batch()
     x_enc = (x.double() - t["decoder_bias"]) @ t["encoder.weight"].T
-    norms = t["decoder.weight"].norm(dim=0)
-    f = ((x_enc + t["gate_bias"]) > 0) * torch.clamp(t["r_mag"].exp() * x_enc + t["mag_bias"], min=0) * norms
+    f = ((x_enc + t["gate_bias"]) > 0) * torch.clamp(t["r_mag"].exp() * x_enc + t["mag_bias"], min=0)
     sae = load_sae(tmp_path)
     close(sae.encode(x), f)
-    close(sae.decode(f.float()), (f / norms) @ t["decoder.weight"].T + t["decoder_bias"])
+    close(sae.decode(f.float()), f @ t["decoder.weight"].T + t["decoder_bias"])
 
 
 def test_dictionary_learning_topk(tmp_path):

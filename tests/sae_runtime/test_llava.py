@@ -244,3 +244,24 @@ def test_stream_matches_generate(backend):
     [want] = backend.generate([req])
     assert [e.token.id for e in events[:-1]] == [t.id for t in want.steered.tokens] == [t.id for t in final.steered.tokens]
     assert final.vision_latents == want.vision_latents and len(final.vision_latents) == N_VISION
+
+
+def test_image_rows_join_text_rows_already_decoding_in_the_engine(backend):
+    """A text row decodes; image rows (one clamped on the vision SAE) join its running steps."""
+    plan = InterventionPlan(edits=(LatentEdit(sae="vis", op=EditOp.SET, latents=(2,), value=40.0),))
+    reqs = [
+        backend.validate(TextRequest(prompt="the cat is", sampling=greedy(8))),
+        backend.validate(TextRequest(prompt="what is this", image=png(5), sampling=greedy(5), plan=plan)),
+        backend.validate(TextRequest(prompt="what is that", image=png(6), sampling=SamplingParams(max_new_tokens=4, temperature=0.8, seed=9))),
+    ]
+    solo = [backend.generate([r])[0] for r in reqs]
+    engine = backend.engine
+    text = engine.submit(reqs[0])
+    engine.step()
+    engine.step()
+    images = [engine.submit(r) for r in reqs[1:]]
+    stats = engine.step()
+    assert stats.decoded_rows == 3 and stats.prefill_tokens > 0  # the image rows' prefill, then one decode of all three
+    engine.wait([text, *images])
+    for run, want in zip([text, *images], solo):
+        assert [t.id for t in run.result.steered.tokens] == [t.id for t in want.steered.tokens]

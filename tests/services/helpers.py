@@ -33,10 +33,15 @@ def free_port() -> int:
 
 
 
-def service_config(grpc_port: int) -> dict:
+#: The session service's HTTP body cap (small, so the 413 test sends little).
+HTTP_MAX_BODY_BYTES = 1 << 20
+
+
+def service_config(grpc_port: int, http_port: int = 8000) -> dict:
     small = {"num_cpus": 0.1, "torch_threads": 1}
     return {
         "grpc": {"port": grpc_port, "request_timeout_s": 120},
+        "http": {"port": http_port, "max_body_bytes": HTTP_MAX_BODY_BYTES},
         "ingress": {"num_cpus": 0.1},
         "models": [
             {
@@ -47,7 +52,7 @@ def service_config(grpc_port: int) -> dict:
                 "saes": [{"name": LM_SAE, "path": f"saes/{LM_SAE}", "format": "native"}],
                 "risk_probe": "risk",
                 "limits": LM_LIMITS,
-                "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
+                "engine": {"max_running_rows": 16},
                 "resources": small,
                 "max_ongoing_requests": 64,
             },
@@ -57,7 +62,7 @@ def service_config(grpc_port: int) -> dict:
                 "path": "llava",
                 "saes": [{"name": VLM_SAE, "path": f"saes/{VLM_SAE}"}],
                 "limits": {"max_new_tokens": 16, "max_batch_size": 8, "max_image_bytes": 10_000, "max_image_side": 64},
-                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+                "engine": {"max_running_rows": 8},
                 "resources": small,
             },
             {
@@ -66,7 +71,7 @@ def service_config(grpc_port: int) -> dict:
                 "path": "sdxl",
                 "saes": [{"name": IMG_SAE, "path": f"saes/{IMG_SAE}"}],
                 "limits": {"max_inference_steps": 2, "max_image_side": 64, "max_batch_size": 4},
-                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "engine": {"max_running_rows": 4},
                 "resources": small,
             },
         ],

@@ -29,8 +29,11 @@ def test_generate_prints_completion_twin_latents_and_risk(run, client):
         LM, "the cat", edits=[edit(LM_SAE, "set", "color:red", value=8.0)], generation=Generation(max_new_tokens=5),
         seed=2, include_default=True, return_latents=True,
     )
-    assert expected.completion.text in out and expected.default_completion.text in out
-    assert "steered" in out and "unsteered" in out
+    # The clamp changed the completion, and each text sits in its own labelled row of the table.
+    assert expected.completion.text != expected.default_completion.text
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 3}
+    assert expected.completion.text.strip() in rows["steered"] and expected.default_completion.text.strip() in rows["unsteered"]
+    assert expected.completion.text.strip() not in rows["unsteered"]
     assert "Top latents" in out and "color:red" in out  # the clamped latent tops the pooled readout
     assert "Hallucination risk" in out and f"{expected.risk.score:.3f}" in out
 

@@ -71,11 +71,12 @@ def test_model_spec_carries_every_setting(tmp_path):
         (minimal(hub_id="org/x"), "exactly one of 'path' or 'hub_id'"),
         (minimal(name="has space"), "models.0.name"),
         (minimal(saes=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]), "duplicate SAE names: a"),
-        (minimal(batching={"max_batch_size": 32}), "exceeds limits.max_batch_size"),
-        (minimal(batching={"max_batch_size": 8}, max_ongoing_requests=4), "max_ongoing_requests must be >="),
+        (minimal(engine={"max_running_rows": 0}), "models.0.engine.max_running_rows"),
+        (minimal(engine={"max_running_rows": 8}, max_ongoing_requests=4), "max_ongoing_requests must be >="),
         (minimal(device="cuda"), "num_gpus > 0"),
         (minimal(device="tpu"), "models.0.device"),
-        (minimal(batching={"max_batch_sise": 4}), "models.0.batching.max_batch_sise: Extra inputs are not permitted"),
+        (minimal(engine={"max_running_row": 4}), "models.0.engine.max_running_row: Extra inputs are not permitted"),
+        (minimal(batching={"max_batch_size": 4}), "models.0.batching: Extra inputs are not permitted"),
         (minimal(autoscaling={"min_replicas": 3, "max_replicas": 2}), "min_replicas must be <= max_replicas"),
         (minimal(resources={"num_cpus": -1}), "models.0.resources.num_cpus"),
         ({**minimal(), "grpc": {"port": 70000}}, "grpc.port"),
@@ -126,7 +127,7 @@ def test_deployment_options_from_resources_replicas_and_autoscaling():
 
 
 def test_rendered_serve_config_passes_serves_schema_and_round_trips_the_config():
-    config = parse_config({**minimal(batching={"max_batch_size": 4}), "grpc": {"port": 9100, "request_timeout_s": 30}})
+    config = parse_config({**minimal(engine={"max_running_rows": 4}), "grpc": {"port": 9100, "request_timeout_s": 30}})
     rendered = render_serve_config(config, base_dir="/srv/configs")
     schema = ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(rendered)))  # survives YAML, as in serveConfigV2
     assert schema.grpc_options.port == 9100

@@ -52,4 +52,27 @@ def test_the_cli_walk_through_runs(service, tmp_path, monkeypatch):
 def test_the_config_example_parses():
     (example,) = [b for b in blocks("yaml") if "models:" in b]
     config = parse_config(yaml.safe_load(example))
-    assert config.models[0].name == "demo-lm" and config.models[0].batching.batch_wait_timeout_s == 0.0
+    assert config.models[0].name == "demo-lm" and config.models[0].engine.max_running_rows == 16
+
+
+def test_the_walk_through_risk_claims_hold_on_the_shipped_demo_model():
+    """The README's two owl prompts, through the demo LM's backend as the CLI sends them (greedy,
+    16 new tokens): the grounded question gets a low final risk, the ungrounded one is answered
+    with a colour and gets the high risk the README quotes."""
+    import torch
+
+    from sae_runtime.backends.types import SamplingParams, TextRequest
+    from sae_runtime.demo.eval import load_backend
+
+    prompts = re.findall(r'generate --model demo-lm "(the owl lives in the river [^"]*)"', README)
+    claimed = [float(re.search(pattern, README)[1]) for pattern in (r"at a final risk of (\d\.\d\d)", r"says so: (\d\.\d\d)")]
+    assert len(prompts) == 2 and len(claimed) == 2, (prompts, claimed)
+    torch.set_num_threads(1)
+    backend = load_backend(Path(__file__).resolve().parents[2] / "models", batch=2)
+    results = backend.generate([TextRequest(prompt=p, sampling=SamplingParams(max_new_tokens=16, seed=0)) for p in prompts])
+    grounded, ungrounded = results
+    assert grounded.steered.text.startswith("river")
+    assert ungrounded.steered.text.split()[0] in ("red", "blue", "green", "black", "white", "yellow")
+    for result, value in zip(results, claimed):
+        assert abs(result.risk_final.probability - value) < 0.01, (result.risk_final.probability, value)
+    assert grounded.risk_final.probability < 0.5 < ungrounded.risk_final.probability

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import threading
-import time
 
 import grpc
 import pytest
@@ -20,7 +18,8 @@ from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, Toke
 from services import convert
 from services.errors import Unauthenticated, grpc_status
 from services.ingress import SteeringIngress, _resolve_token, status_changes
-from services.model_deployment import fingerprint, in_thread, run_isolated
+from sae_runtime.engine.images import run_isolated
+from sae_runtime.versions import fingerprint
 
 
 # -- conversion ---------------------------------------------------------------------------------
@@ -181,24 +180,6 @@ def test_a_failing_batch_is_retried_row_by_row_so_only_the_culprit_fails():
     assert isinstance(out[1], RuntimeError)
     assert calls == [["a", "boom", "c"], ["a"], ["boom"], ["c"]]
     assert run_isolated(generate, ["x", "y"]) == ["X", "Y"] and calls[-1] == ["x", "y"]
-
-
-def test_cancelled_caller_waits_for_the_running_backend_call():
-    finished = threading.Event()
-
-    def slow():
-        time.sleep(0.3)
-        finished.set()
-
-    async def scenario():
-        task = asyncio.ensure_future(in_thread(slow))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return finished.is_set()  # the cancellation surfaced only after the call had finished
-
-    assert asyncio.run(scenario())
 
 
 def test_wrong_result_count_counts_as_failure():

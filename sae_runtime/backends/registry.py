@@ -1,4 +1,4 @@
-"""Build a backend from a ModelSpec, importing only the module its ``kind`` needs."""
+"""The backend registry: ModelSpec.kind -> backend class, imported only when that kind is built."""
 
 from __future__ import annotations
 
