@@ -49,14 +49,10 @@ class PlanTable:
 
     def _compile_staged(self) -> None:
         """Write the staged plans into their slots and compile the edit tables once."""
-        changed = [(s, p) for s, p in self._staged.items() if p is not self.context.plans[s]]
+        changed = {s: p for s, p in self._staged.items() if p is not self.context.plans[s]}
         self._staged.clear()
-        if not changed:
-            return
-        *rest, (last_slot, last_plan) = changed
-        for slot, plan in rest:  # plans are validated by the backend; set_plan checks and compiles them all
-            self.context.plans[slot] = plan
-        self.context.set_plan(last_slot, last_plan)
+        if changed:
+            self.context.set_plans(changed)
 
     def __enter__(self) -> "PlanTable":
         self._compile_staged()

@@ -49,7 +49,7 @@ class SteeringContext:
 
     ``recorder``: where readouts go (default: an :class:`AccumulatingRecorder` over the plan rows,
     read back with :meth:`readouts`). The engine passes its per-slot recorder, hooks every SAE
-    site (``hook_all``), and changes one row's plan at a time with :meth:`set_plan` and the SAEs
+    site (``hook_all``), and changes rows' plans with :meth:`set_plans` and the SAEs
     to read with :meth:`set_reads`.
     """
 
@@ -102,10 +102,12 @@ class SteeringContext:
         self._restricted.clear()
         self._weights.clear()
 
-    def set_plan(self, row: int, plan: InterventionPlan | None) -> None:
-        """Give plan row ``row`` a new (validated) plan; the edit tables are compiled again."""
-        self._check_plan(plan, "plan.sae")
-        self.plans[row] = plan
+    def set_plans(self, plans: Mapping[int, InterventionPlan | None]) -> None:
+        """Give plan rows new (validated) plans, row -> plan; the edit tables are compiled again, once."""
+        for row, plan in plans.items():
+            self._check_plan(plan, "plan.sae")
+        for row, plan in plans.items():
+            self.plans[row] = plan
         self._compile()
 
     def set_reads(self, saes: frozenset[str] | set[str]) -> None:
