@@ -17,6 +17,7 @@ Example (configs/demo.yaml)::
         path: ../models/demo-lm/model
         saes:
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
+          - {name: kv, ffkv: {layer: 2, k: 32}}   # the MLP's own neurons (FF-KV), no file
         risk_probe: ../models/demo-lm/risk
         batching: {max_batch_size: 8, batch_wait_timeout_s: 0.0}
         resources: {num_cpus: 1}
@@ -70,6 +71,10 @@ class _Located(_Strict):
     def _one_location(self):
         if getattr(self, "demo", False):
             return self  # ModelConfig._consistent checks demo entries
+        if getattr(self, "ffkv", None) is not None:
+            if self.hub_id is not None:
+                raise ValueError("an ffkv entry is built from the model: give no hub_id (path: an optional labels directory)")
+            return self
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of 'path' or 'hub_id'")
         return self
@@ -80,10 +85,19 @@ class _Located(_Strict):
         return str((base_dir / os.path.expanduser(self.path)).resolve())
 
 
+class FfkvEntry(_Strict):
+    """An FF-KV dictionary: the MLP neurons of decoder layer ``layer`` (optional top-``k``)."""
+
+    layer: int = Field(ge=0)
+    k: int | None = Field(None, ge=1)
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
     hook_name: str | None = None  # overrides the hook recorded in the SAE's own config
+    #: Built from the model's MLP; ``path`` is then optional (a directory with ``labels.json``).
+    ffkv: FfkvEntry | None = None
 
     @field_validator("name")
     @classmethod
@@ -198,7 +212,9 @@ class ModelConfig(_Located):
             kind=self.kind,
             path="" if self.demo else self.location(base_dir),
             saes=tuple(
-                SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format) for s in self.saes
+                SaeSpec(name=s.name, path=s.location(base_dir) if s.path or s.hub_id else "", hook_name=s.hook_name, format=s.format,
+                        ffkv_layer=s.ffkv.layer if s.ffkv else None, ffkv_k=s.ffkv.k if s.ffkv else None)
+                for s in self.saes
             ),
             risk_probe=probe,
             description=self.description,

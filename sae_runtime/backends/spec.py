@@ -20,6 +20,10 @@ class SaeSpec:
     path: str
     hook_name: str | None = None
     format: str | None = None  # None = detect from the directory's files
+    #: FF-KV dictionary of this decoder layer's MLP (built from the model, no file; ``path`` is then
+    #: optional: a directory whose ``labels.json`` holds ``{"labels": {concept: neuron}}``).
+    ffkv_layer: int | None = None
+    ffkv_k: int | None = None  # FF-KV top-k (None = every neuron)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -100,12 +100,14 @@ def _well_formed_share(prompts: Sequence[str], texts: Sequence[str]) -> float:
 
 
 def steering_eval(
-    backend: CausalLmBackend, n_prompts: int = 60, value: float = STEER_VALUE, max_new_tokens: int = 24, temperature: float = STEER_TEMPERATURE
+    backend: CausalLmBackend, n_prompts: int = 60, value: float = STEER_VALUE, max_new_tokens: int = 24, temperature: float = STEER_TEMPERATURE,
+    sae: str = SAE_NAME, op: EditOp = EditOp.SET, normalize: bool = False, values: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-colour shares with the ``color:<c>`` latent clamped to ``value``, and without edits.
 
     Continuations are decoded at ``temperature`` (0 = greedy) with seed i for prompt i, steered and
-    base alike. ``base_share`` averages each colour's base share over the colours, so it is 1/6
+    base alike. ``sae``/``op``/``normalize`` choose the dictionary and the edit (default: clamp the
+    concepts SAE); ``values`` gives a value per colour instead of ``value``. ``base_share`` averages each colour's base share over the colours, so it is 1/6
     by construction; ``steer_per_colour`` has each colour's own base share.
     """
     prompts = story_prompts(n_prompts, EVAL_SEED + 1)
@@ -115,11 +117,12 @@ def steering_eval(
     per_colour: dict[str, dict[str, float]] = {}
     steered_wf = []
     for c in world.FAMILIES["color"]:
-        plan = InterventionPlan(edits=(LatentEdit(sae=SAE_NAME, op=EditOp.SET, labels=(f"color:{c}",), value=value),))
+        v = value if values is None else values[c]
+        plan = InterventionPlan(edits=(LatentEdit(sae=sae, op=op, labels=(f"color:{c}",), value=v, normalize=normalize),))
         texts = [r.steered.text for r in _generate(backend, prompts, plan, sampling, seeded=True)]
         colours = [w for t in texts for w in world.words_of(t, "color")]
         per_colour[c] = {
-            "latent": backend.saes[SAE_NAME].labels[f"color:{c}"],
+            "latent": backend.saes[sae].labels[f"color:{c}"],
             "share": colours.count(c) / max(len(colours), 1),
             "base_share": base_colours.count(c) / max(len(base_colours), 1),
             "colour_words": len(colours),
