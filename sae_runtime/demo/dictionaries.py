@@ -44,10 +44,10 @@ GSAE_ALPHA = 1.0
 class DictConfig:
     d_sae: int = 512
     k: int = 12  # G-SAE and FF-KV top-k, matched to the top-k SAE's L0
-    gsae_steps: int = 1000
-    spade_steps: int = 400
-    batch_size: int = 1024
-    texts: int = 3000
+    gsae_steps: int = 800
+    spade_steps: int = 300
+    batch_size: int = 512
+    texts: int = 2000
     label_texts: int = 2000
     seed: int = 0
 
@@ -199,15 +199,14 @@ def ground_truth_embedding(words: Sequence[str], tags: Sequence[Sequence[str]]) 
     return e
 
 
-def measure(backend: Any, name: str, x: Tensor, tags: Sequence[Sequence[str]], words: Sequence[str], lr_texts: Sequence[str]) -> dict[str, Any]:
+def measure(model: Any, tokenizer: Any, sae: Any, x: Tensor, tags: Sequence[Sequence[str]], words: Sequence[str], lr_texts: Sequence[str]) -> dict[str, Any]:
     """Reconstruction, MS, FMS and absorption of one dictionary on rows x (N, d_in) of its site."""
     from sae_runtime.metrics import dictionary_outputs, reconstruction_metrics, target_of
     from sae_runtime.metrics.absorption import absorption
     from sae_runtime.metrics.fms import fms
     from sae_runtime.metrics.ms import monosemanticity, summarise
 
-    sae = backend.saes[name]
-    rec = reconstruction_metrics(sae, x, model=backend.model, tokenizer=backend.tokenizer, texts=lr_texts, hook_name=sae.cfg.hook_name)
+    rec = reconstruction_metrics(sae, x, model=model, tokenizer=tokenizer, texts=lr_texts, hook_name=sae.cfg.hook_name)
     f, _ = dictionary_outputs(sae, x)
     ms = summarise(monosemanticity(f, ground_truth_embedding(words, tags)))
     names = concepts()
@@ -254,6 +253,9 @@ def compare(models: str | Path, n_texts: int = 400, n_prompts: int = 40, log: Ca
     from sae_runtime.metrics import dictionary_outputs
     from sae_runtime.training.activations import ActivationStore
 
+    if not (Path(models) / "demo-lm" / "saes" / FFKV / "labels.json").is_file():
+        log("[dictionaries] not built: skipped")
+        return {}
     backend = load_backend(models)
     texts = [t.text for t in world.tagged_texts(n_texts, seed=EVAL_SEED + 5)]
     lr_texts = sae_corpus(128, EVAL_SEED + 4)
@@ -264,7 +266,7 @@ def compare(models: str | Path, n_texts: int = 400, n_prompts: int = 40, log: Ca
         store = ActivationStore.collect(backend.model, backend.tokenizer, texts, sae.cfg.hook_name, batch_size=64, progress=False)
         tags, words = token_tags(backend.tokenizer, store.column("token_ids"), store.column("sequence"))
         x = store.tensor()
-        report[name] = measure(backend, name, x, tags, words, lr_texts)
+        report[name] = measure(backend.model, backend.tokenizer, sae, x, tags, words, lr_texts)
         report[name].update(_steer(backend, name, dictionary_outputs(sae, x)[0], n_prompts))
         report[name]["seconds"] = round(time.perf_counter() - t, 1)
         log(f"[{name}] " + " ".join(f"{k}={v:.3f}" for k, v in report[name].items() if isinstance(v, float)))

@@ -38,7 +38,7 @@ import torch
 from sae_runtime.backends.causal_lm import CausalLmBackend
 from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import SamplingParams, TextRequest
-from sae_runtime.demo import world
+from sae_runtime.demo import dictionaries, world
 from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME, first_sentence_completion
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
 
@@ -222,6 +222,7 @@ def evaluate(models: str | Path, steer_value: float = STEER_VALUE, steer_tempera
         "per_colour_share": {c: v["share"] for c, v in sampled["steer_per_colour"].items()}
     }
     report.update(sae_eval(backend))
+    report["dictionaries"] = dictionaries.compare(models)
     report["build_seconds"] = manifest.get("build_seconds")
     report["seed"] = manifest.get("seed")
     report["eval_seconds"] = round(time.perf_counter() - started, 1)

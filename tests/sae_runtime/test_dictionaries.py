@@ -206,3 +206,81 @@ def test_parent_concepts_cover_each_family():
     assert world.parent_concept("fox") == "is:animal" and world.parent_concept("the") is None
     assert set(world.PARENT_CONCEPTS["is:color"]) == set(world.FAMILIES["color"])
     assert sorted(w for ws in world.PARENT_CONCEPTS.values() for w in ws) == sorted(w for w in world.vocabulary() if world.family_of(w))
+
+
+# -- the EvaluateSae runtime side and the report's PNG ------------------------------------------
+def test_evaluate_on_texts_matches_a_second_path_and_respects_limits(llama, llama_dir):
+    from transformers import AutoTokenizer
+
+    from sae_runtime.backends.spec import Limits
+    from sae_runtime.errors import TooLarge
+    from sae_runtime.evaluate import evaluate_on_texts
+    from sae_runtime.training.evaluation import fvu
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    sae = ffkv_from_model(llama, 1, k=8)
+    texts = ["a b c d", "e f g"]
+    m = evaluate_on_texts(llama, tok, sae, texts, Limits(max_batch_size=2, max_prompt_tokens=16))
+    rows = torch.cat([capture(llama, "blocks.1.hook_mlp_io", tok(t, return_tensors="pt")["input_ids"])[0] for t in texts])
+    assert m.n_tokens == rows.shape[0] and m.l0 == 8.0
+    assert m.fvu == pytest.approx(fvu(rows[:, D:], sae(rows)[:, D:]), rel=1e-5)
+    # loss with the dictionary spliced in, by a hand-written MLP hook on one unpadded text
+    one = evaluate_on_texts(llama, tok, sae, texts[:1])
+    ids = tok(texts[0], return_tensors="pt")["input_ids"]
+
+    def splice(mod, args, out):
+        return sae(torch.cat([args[0], out], -1))[..., D:]
+
+    handle = llama.model.layers[1].mlp.register_forward_hook(splice)
+    with torch.no_grad():
+        logits = llama(input_ids=ids).logits
+    handle.remove()
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert one.loss_with_dict == pytest.approx(float(ce), rel=1e-5)
+    z, c, w = one.loss_zero_ablated, one.loss_clean, one.loss_with_dict
+    assert one.loss_recovered == pytest.approx((z - w) / (z - c))
+    with pytest.raises(TooLarge) as err:
+        evaluate_on_texts(llama, tok, sae, texts * 2, Limits(max_batch_size=3))
+    assert err.value.field == "texts"
+    with pytest.raises(TooLarge) as err:
+        evaluate_on_texts(llama, tok, sae, ["a b c d e f"], Limits(max_prompt_tokens=3))
+    assert err.value.field == "texts[0]"
+    with pytest.raises(InvalidArgument):
+        evaluate_on_texts(llama, tok, sae, [" "])
+
+
+def test_png_of_latent_distributions(tmp_path):
+    from PIL import Image
+
+    from sae_runtime.evaluate import _histogram, write_png
+
+    assert _histogram([0.0, 0.1, 0.95, 1.0, float("nan")], 2, 0.0, 1.0) == [2, 2]
+    write_png(tmp_path / "d.png", {"a": {"MS": [0.2, 0.9]}, "b": {"MS": [0.5]}}, {"MS": (0.0, 1.0), "share": (-6.0, 0.0)})
+    img = Image.open(tmp_path / "d.png")
+    assert img.format == "PNG" and img.size == (24 + 2 * 284, 24 + 2 * 168)
+
+
+def test_evaluate_sae_request_and_response_through_the_backend(llama, llama_dir):
+    from steering.v1 import steering_pb2 as pb
+    from transformers import AutoTokenizer
+
+    from sae_runtime.backends.causal_lm import CausalLmBackend
+    from sae_runtime.errors import NotFound
+    from sae_runtime.evaluate import evaluate_backend_sae, evaluate_on_texts
+    from services import convert
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    backend = CausalLmBackend(llama, tok, {"kv": ffkv_from_model(llama, 2, k=4)})
+    for skip in (False, True):
+        req = pb.EvaluateSaeRequest.FromString(pb.EvaluateSaeRequest(model="m", sae="kv", texts=["a b c", "d e"], skip_loss=skip).SerializeToString())
+        sae, texts, with_loss = convert.evaluate_sae_request_from_proto(req)
+        m = evaluate_backend_sae(backend, sae, texts, with_loss)
+        msg = convert.evaluate_sae_result_to_proto(m, timings=pb.Timings(), versions=pb.Versions())
+        direct = evaluate_on_texts(llama, tok, backend.saes["kv"], ["a b c", "d e"], with_loss=False)
+        assert (msg.l0, msg.n_tokens) == (4.0, direct.n_tokens) and msg.fvu == pytest.approx(direct.fvu)
+        assert msg.HasField("loss_recovered") is not skip
+    with pytest.raises(NotFound) as err:
+        evaluate_backend_sae(backend, "nope", ["a"])
+    assert err.value.field == "sae"
+    with pytest.raises(InvalidArgument):
+        convert.evaluate_sae_request_from_proto(pb.EvaluateSaeRequest(model="m", texts=["a"]))
