@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +35,7 @@ from sae_runtime.demo import world
 GSAE, SPADE, FFKV, TOPK = "gsae", "spade", "ffkv", "concepts"
 FFKV_LAYER = 2  # the MLP of the layer whose output the top-k SAE reads (blocks.2.hook_resid_post)
 #: Clamp value of the steering comparison, as a multiple of the latent's largest held-out activation.
-STEER_SCALE = 2.0
+STEER_SCALE = 1.0
 #: G-SAE norm-relative additive steering: alpha (the added vector is alpha ||x_n|| D_i / ||D_i||).
 GSAE_ALPHA = 1.0
 
@@ -136,6 +136,7 @@ def build_dictionaries(
     (root / "saes" / FFKV).mkdir(parents=True, exist_ok=True)
     (root / "saes" / FFKV / "labels.json").write_text(json.dumps({"layer": FFKV_LAYER, "k": cfg.k, "labels": ffkv.labels}, indent=1))
     out[FFKV] = {"layer": FFKV_LAYER, "k": cfg.k, "n_labelled": len(ffkv.labels), "seconds": round(time.perf_counter() - t, 1)}
+    out["config"] = asdict(cfg)
     out["seconds"] = round(time.perf_counter() - started, 1)
     log(f"[dictionaries] {out['seconds']}s")
     return out
@@ -246,7 +247,7 @@ def _steer(backend: Any, name: str, f: Tensor, n_prompts: int) -> dict[str, Any]
     return out
 
 
-def compare(models: str | Path, n_texts: int = 400, n_prompts: int = 40, log: Callable[[str], None] = print) -> dict[str, Any]:
+def compare(models: str | Path, n_texts: int = 200, n_prompts: int = 30, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``dictionaries.<name>`` figures for the four dictionaries, on held-out texts."""
     from sae_runtime.demo.build import sae_corpus
     from sae_runtime.demo.eval import EVAL_SEED

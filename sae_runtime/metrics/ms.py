@@ -10,7 +10,7 @@ encoder: ã = min-max normalised a (no epsilon), s_nm = cos(e_n, e_m), and
     numerator   = (||sum_n ã_n ê_n||^2 - sum_n ã_n^2) / 2
     denominator = ((sum_n ã_n)^2 - sum_n ã_n^2) / 2
 
-A constant latent (dead, say) gives 0/0: NaN, which the summary counts as dead and leaves out.
+A constant latent (dead, say), or one with a single input off its minimum, gives 0/0: NaN, which the summary counts as dead and leaves out.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def monosemanticity(acts: Tensor, emb: Tensor, chunk: int = 4096) -> Tensor:
         s2 += t.pow(2).sum(0)
     num = (weighted.pow(2).sum(-1) - s2) / 2
     den = (s1.pow(2) - s2) / 2
-    return num / den
+    # den is 0 exactly when at most one input has weight (0/0 in the pairwise sum); the O(N) form
+    # leaves rounding noise there, which must not become +-inf.
+    ms = num / den
+    return torch.where(den > 1e-9 * s1.pow(2), ms, torch.full_like(ms, math.nan))
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,14 @@ def test_reconstruction_metrics_by_hand():
     assert m.fvu == pytest.approx(1 / 1.625)
     assert m.dead_share == pytest.approx(1 / 3) and m.dense_share == pytest.approx(2 / 3)
     assert m.loss_recovered is None and m.n_tokens == 2
+
+
+def test_ms_single_firing_input_is_nan_not_inf():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(50, 7, generator=g)
+    acts = torch.zeros(50, 2)
+    acts[17, 0] = 3.3  # one input off the minimum: no pair has weight
+    acts[:, 1] = torch.rand(50, generator=g)
+    ms = monosemanticity(acts, emb)
+    assert math.isnan(ms[0].item()) and math.isnan(_ms_pairwise(acts, emb)[0].item())
+    assert ms[1].item() == pytest.approx(_ms_pairwise(acts, emb)[1].item())
