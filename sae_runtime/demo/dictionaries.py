@@ -15,7 +15,8 @@ world: a one-hot of the token's word concatenated with the multi-hot of its conc
 ``fms_at_1``/``fms_at_5`` (token-level, the 31 concept tags), ``absorption_fraction`` and
 ``full_absorption_rate`` (parents ``is:<family>``, children the family's words), ``steer_share``
 and ``steer_well_formed`` (clamping the ``color:<c>`` latent to ``STEER_SCALE`` times its largest
-held-out activation; for the G-SAE also the paper's norm-relative addition).
+held-out activation; for the G-SAE also a clamp at 1, the sigmoid's ceiling, and the paper's
+norm-relative addition).
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def _steer(backend: Any, name: str, f: Tensor, n_prompts: int) -> dict[str, Any]
     if sae.cfg.architecture == "topk-sigmoid":
         a = steering_eval(backend, n_prompts=n_prompts, sae=name, op=EditOp.ADD, normalize=True, value=GSAE_ALPHA)
         out["steer_additive"] = {"alpha": GSAE_ALPHA, "steer_share": a["steer_share"], "steer_well_formed": a["steer_well_formed"]["steered"]}
+        one = steering_eval(backend, n_prompts=n_prompts, sae=name, value=1.0)  # the sigmoid's ceiling
+        out["steer_clamp_at_1"] = {"value": 1.0, "steer_share": one["steer_share"], "steer_well_formed": one["steer_well_formed"]["steered"]}
     return out
 
 
