@@ -15,6 +15,10 @@ name (and accepted aliases)               activation, shape seen by a site callb
   ``transformer.h.L``
 ``blocks.L.hook_mlp_out``                 output of layer L's MLP, (B, T, d_model)
   alias: ``layers.L.mlp``
+``blocks.L.hook_mlp_io``                  layer L's MLP input and output side by side, for
+                                          transcoders (FF-KV): (B, T, 2 * d_model) =
+                                          cat(input, output); a new value's second half
+                                          becomes the MLP output (the first is ignored)
 ``vision.layers.L``                       output of vision encoder (CLIP) layer L, all tokens
   aliases: ``vision_tower.vision_model.     incl. CLS at position 0, (B, 1 + patches, d_vision)
   encoder.layers.L``, ``model.vision_tower.
@@ -45,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -58,11 +63,12 @@ class SiteKind(str, enum.Enum):
     RESID_PRE = "resid_pre"
     RESID_POST = "resid_post"
     MLP_OUT = "mlp_out"
+    MLP_IO = "mlp_io"
     VISION_LAYER = "vision_layer"
     UNET_BLOCK = "unet_block"
 
 
-_TEXT_KINDS = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.MLP_OUT)
+_TEXT_KINDS = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.MLP_OUT, SiteKind.MLP_IO)
 
 _PATTERNS: tuple[tuple[re.Pattern[str], SiteKind], ...] = tuple(
     (re.compile(p), k)
@@ -70,6 +76,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], SiteKind], ...] = tuple(
         (r"blocks\.(\d+)\.hook_resid_pre", SiteKind.RESID_PRE),
         (r"blocks\.(\d+)\.hook_resid_post", SiteKind.RESID_POST),
         (r"blocks\.(\d+)\.hook_mlp_out", SiteKind.MLP_OUT),
+        (r"blocks\.(\d+)\.hook_mlp_io", SiteKind.MLP_IO),
         (r"layers\.(\d+)\.mlp", SiteKind.MLP_OUT),
         (r"resid_(\d+)", SiteKind.RESID_POST),
         (r"(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)", SiteKind.RESID_POST),
@@ -81,7 +88,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], SiteKind], ...] = tuple(
 )
 
 _SUPPORTED = (
-    "blocks.L.hook_resid_pre|hook_resid_post|hook_mlp_out, layers.L, layers.L.mlp, resid_L, "
+    "blocks.L.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_mlp_io, layers.L, layers.L.mlp, resid_L, "
     "vision.layers.L, unet.down_blocks.I.attentions.J, unet.mid_block.attentions.J, unet.up_blocks.I.attentions.J"
 )
 
@@ -138,7 +145,7 @@ class HookSite:
         if not 0 <= self.layer < len(layers):
             raise NotFound(f"site {self.name}: layer {self.layer} out of range (model has {len(layers)} layers)", field=self.name)
         layer = layers[self.layer]
-        if self.kind is SiteKind.MLP_OUT:
+        if self.kind in (SiteKind.MLP_OUT, SiteKind.MLP_IO):
             return _mlp_of(layer, self.name)
         return layer
 
@@ -169,7 +176,8 @@ class HookSite:
         cfg = model.config
         if self.kind is SiteKind.VISION_LAYER:
             return int(cfg.vision_config.hidden_size)
-        return int(_text_config(cfg).hidden_size)
+        width = int(_text_config(cfg).hidden_size)
+        return 2 * width if self.kind is SiteKind.MLP_IO else width
 
     def check_sae_width(self, model: nn.Module, d_in: int, sae_name: str) -> None:
         """InvalidArgument naming the SAE unless its d_in equals this site's width."""
@@ -191,6 +199,8 @@ class HookSite:
             return module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True, prepend=True)
         if self.kind is SiteKind.UNET_BLOCK:
             return module.register_forward_hook(_update_hook(fn), with_kwargs=True, prepend=True)
+        if self.kind is SiteKind.MLP_IO:
+            return module.register_forward_hook(_io_hook(fn), with_kwargs=True, prepend=True)
         return module.register_forward_hook(_output_hook(fn), prepend=True)
 
 
@@ -212,6 +222,21 @@ def _output_hook(fn: SiteFn):
             return None if new is None else (new, *output[1:])
         new = fn(output, None)
         return new
+
+    return hook
+
+
+def _io_hook(fn: SiteFn):
+    """MLP_IO: show fn cat(input, output) and keep the second half of its answer as the output."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        inp = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        new = fn(torch.cat([inp, out], dim=-1), None)
+        if new is None:
+            return None
+        new_out = new[..., out.shape[-1]:]
+        return (new_out, *output[1:]) if isinstance(output, tuple) else new_out
 
     return hook
 

@@ -17,6 +17,7 @@ Example (configs/demo.yaml)::
         path: ../models/demo-lm/model
         saes:
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
+          - {name: kv, ffkv: {layer: 2, k: 32}}   # the MLP's own neurons (FF-KV), no file
         risk_probe: ../models/demo-lm/risk
         engine: {max_running_rows: 16}
         resources: {num_cpus: 1}
@@ -92,6 +93,13 @@ class SaelensName(_Strict):
     sae_id: str = Field(min_length=1)
 
 
+class FfkvEntry(_Strict):
+    """An FF-KV dictionary: the MLP neurons of decoder layer ``layer`` (optional top-``k``)."""
+
+    layer: int = Field(ge=0)
+    k: int | None = Field(None, ge=1)
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
@@ -102,6 +110,8 @@ class SaeEntry(_Located):
     labels: str | None = None
     #: ``<modelId>/<layer>`` of the SAE in a multi-SAE export (default: the SAE's own neuronpedia_id).
     neuronpedia_id: str | None = None
+    #: Built from the model's MLP; ``path`` is then optional (a directory with ``labels.json``).
+    ffkv: FfkvEntry | None = None
 
     @field_validator("name")
     @classmethod
@@ -110,6 +120,10 @@ class SaeEntry(_Located):
 
     @model_validator(mode="after")
     def _one_location(self):
+        if self.ffkv is not None:
+            if self.hub_id is not None or self.saelens is not None:
+                raise ValueError("an ffkv entry is built from the model: give no hub_id or saelens (path: an optional labels directory)")
+            return self
         if sum(x is not None for x in (self.path, self.hub_id, self.saelens)) != 1:
             raise ValueError("give exactly one of 'path', 'hub_id' or 'saelens'")
         if self.saelens is not None and importlib.util.find_spec("sae_lens") is None:
@@ -121,12 +135,14 @@ class SaeEntry(_Located):
         labels = None if self.labels is None else str((base_dir / os.path.expanduser(self.labels)).resolve())
         return SaeSpec(
             name=self.name,
-            path="" if self.saelens is not None else self.location(base_dir),
+            path="" if self.saelens is not None or (self.ffkv is not None and self.path is None) else self.location(base_dir),
             hook_name=self.hook_name,
             format=self.format,
             saelens=None if self.saelens is None else (self.saelens.release, self.saelens.sae_id),
             labels=labels,
             neuronpedia_id=self.neuronpedia_id,
+            ffkv_layer=self.ffkv.layer if self.ffkv else None,
+            ffkv_k=self.ffkv.k if self.ffkv else None,
         )
 
 

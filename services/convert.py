@@ -10,7 +10,7 @@ proto's: :func:`proto_field` renames the library's dataclass fields (``sampling.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from steering.v1 import steering_pb2 as pb
@@ -313,4 +313,20 @@ def model_info_to_proto(info: rt.ModelInfo, versions: pb.Versions | None = None)
         msg.version = versions.model_version
         for sae in msg.saes:
             sae.version = versions.saes.get(sae.name, sae.version)
+
+
+def evaluate_sae_request_from_proto(msg: pb.EvaluateSaeRequest) -> tuple[str, tuple[str, ...], bool]:
+    """(SAE name, texts, with loss recovered) of an EvaluateSae request."""
+    if not msg.sae:
+        raise InvalidArgument("name the SAE to evaluate", field="sae")
+    return msg.sae, tuple(msg.texts), not msg.skip_loss
+
+
+def evaluate_sae_result_to_proto(m: Any, *, timings: pb.Timings, versions: pb.Versions) -> pb.EvaluateSaeResponse:
+    """An EvaluateSaeResponse from ``sae_runtime.metrics.ReconstructionMetrics``."""
+    msg = pb.EvaluateSaeResponse(l0=m.l0, fvu=m.fvu, dead_share=m.dead_share, dense_share=m.dense_share, n_tokens=m.n_tokens,
+                                 timings=timings, versions=versions)  # fmt: skip
+    if m.loss_recovered is not None:
+        msg.loss_recovered, msg.loss_clean = m.loss_recovered, m.loss_clean
+        msg.loss_with_sae, msg.loss_zero_ablated = m.loss_with_dict, m.loss_zero_ablated
     return msg

@@ -135,6 +135,11 @@ class SteeringIngress:
             "SearchFeatures", request.model, grpc_context, pb.SearchFeaturesResponse, lambda h, t: h.search_features.remote(request)
         )
 
+    async def EvaluateSae(self, request: pb.EvaluateSaeRequest, grpc_context: RayServegRPCContext) -> pb.EvaluateSaeResponse:
+        return await self._unary(
+            "EvaluateSae", request.model, grpc_context, pb.EvaluateSaeResponse, lambda h, t: h.evaluate_sae.remote(request, t)
+        )
+
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Relay the model deployment's token stream. An error sets the status and ends the stream
         (raised, because a stream that yielded nothing cannot carry a status otherwise)."""

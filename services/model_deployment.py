@@ -214,6 +214,18 @@ class ModelServer:
         self._observe("encode", timings)
         return convert.encode_result_to_proto(result, timings=timings, versions=self.versions)
 
+    async def evaluate_sae(self, request: pb.EvaluateSaeRequest, received_at: float) -> pb.EvaluateSaeResponse:
+        from sae_runtime.evaluate import evaluate_backend_sae
+
+        sae, texts, with_loss = convert.evaluate_sae_request_from_proto(request)
+        async with self._lock:
+            started = time.time()
+            result = await in_thread(evaluate_backend_sae, self.backend, sae, texts, with_loss)
+            outcome = _Outcome(result, started, time.time(), 1)
+        timings = self._timings(outcome, received_at)
+        self._observe("evaluate_sae", timings)
+        return convert.evaluate_sae_result_to_proto(result, timings=timings, versions=self.versions)
+
     def model_info(self) -> pb.ModelInfo:
         return convert.model_info_to_proto(self.info, self.versions)
 

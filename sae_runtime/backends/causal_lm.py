@@ -124,7 +124,7 @@ class CausalLmBackend(Backend):
         except OSError as err:
             raise FormatError(f"cannot load a causal LM and tokenizer: {err}", field=spec.path) from None
         model = model.to(spec.device).eval()
-        saes, load_timings = load_spec_saes(spec)
+        saes, load_timings = load_spec_saes(spec, model)
         probe = None
         if spec.risk_probe:
             from sae_runtime.risk import RiskProbe

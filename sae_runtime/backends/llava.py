@@ -107,7 +107,7 @@ class LlavaBackend(CausalLmBackend):
             processor = AutoProcessor.from_pretrained(spec.path)
         except OSError as err:
             raise FormatError(f"cannot load a LLaVA model and processor: {err}", field=spec.path) from None
-        saes, load_timings = load_spec_saes(spec)
+        saes, load_timings = load_spec_saes(spec, model)
         probe = None
         if spec.risk_probe:
             from sae_runtime.risk import RiskProbe

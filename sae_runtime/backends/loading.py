@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_runtime.backends.spec import ModelSpec
-from sae_runtime.errors import NotFound
+from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.saes.base import Sae
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w.\-/]+)?$")
 
@@ -34,9 +39,25 @@ def resolve_sae_location(location: str) -> str:
     return str(Path(root) / sub)
 
 
-def load_spec_saes(spec: ModelSpec) -> tuple[dict[str, Sae], dict[str, float]]:
+def load_ffkv(model: "nn.Module | None", name: str, layer: int, k: int | None, labels_dir: str = "") -> Sae:
+    """The FF-KV dictionary of ``model``'s layer ``layer`` MLP, with the labels of
+    ``labels_dir/labels.json`` when given. InvalidArgument naming the entry without a model."""
+    from sae_runtime.formats.common import check_labels
+    from sae_runtime.saes.ffkv import ffkv_from_model
+
+    if model is None:
+        raise InvalidArgument(f"SAE {name!r} is an FF-KV dictionary: it is built from the loaded model", field=f"saes.{name}.ffkv")
+    sae = ffkv_from_model(model, layer, k)
+    path = Path(labels_dir) / "labels.json" if labels_dir else None
+    if path is not None and path.is_file():
+        sae.labels.update(check_labels(json.loads(path.read_text()).get("labels") or {}, sae.d_sae, path))
+    return sae
+
+
+def load_spec_saes(spec: ModelSpec, model: "nn.Module | None" = None) -> tuple[dict[str, Sae], dict[str, float]]:
     """The SAEs of ``spec`` (name -> Sae on ``spec.device``, ``hook_name`` overrides applied) and
-    how long each took to load, in seconds (reported by the service as a metric)."""
+    how long each took to load, in seconds (reported by the service as a metric). FF-KV entries
+    (``ffkv_layer`` set) are built from ``model``'s weights, so they need it."""
     from sae_runtime.formats import load_sae
 
     saes: dict[str, Sae] = {}
@@ -45,6 +66,10 @@ def load_spec_saes(spec: ModelSpec) -> tuple[dict[str, Sae], dict[str, float]]:
 
     for s in spec.saes:
         started = time.perf_counter()
+        if s.ffkv_layer is not None:
+            saes[s.name] = load_ffkv(model, s.name, s.ffkv_layer, s.ffkv_k, s.path)
+            seconds[s.name] = time.perf_counter() - started
+            continue
         location = saelens_registry.resolve(*s.saelens) if s.saelens else resolve_sae_location(s.path)
         sae = load_sae(location, format=s.format, device=spec.device)
         if s.hook_name:

@@ -26,6 +26,10 @@ class SaeSpec:
     labels: str | None = None
     #: Picks the SAE in a multi-SAE export: ``<modelId>/<layer>`` (default: the SAE's own neuronpedia_id).
     neuronpedia_id: str | None = None
+    #: FF-KV dictionary of this decoder layer's MLP (built from the model, no file; ``path`` is then
+    #: optional: a directory whose ``labels.json`` holds ``{"labels": {concept: neuron}}``).
+    ffkv_layer: int | None = None
+    ffkv_k: int | None = None  # FF-KV top-k (None = every neuron)
 
 
 @dataclass(frozen=True)

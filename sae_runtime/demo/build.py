@@ -6,6 +6,7 @@ Writes, under ``<out>/demo-lm/``:
 
 - ``model/``            the Llama-architecture LM and its word-level tokenizer (save_pretrained, safetensors)
 - ``saes/concepts/``    a TopK SAE on ``blocks.2.hook_resid_post``, native format, with concept labels
+- ``saes/gsae/``, ``saes/spade/``, ``saes/ffkv/labels.json``  the other dictionaries (:mod:`.dictionaries`)
 - ``risk/``             the hallucination-risk probe (risk_probe.json + .safetensors)
 - ``manifest.json``     seed, library versions, configs, metrics and ``build_seconds``
 
@@ -30,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sae_runtime.demo import world
+from sae_runtime.demo.dictionaries import DictConfig, build_dictionaries
 from sae_runtime.demo.tokenizer import build_tokenizer
 from sae_runtime.demo.train_lm import LmTrainConfig, fact_accuracy, greedy_generate, train_lm
 
@@ -57,11 +59,13 @@ class BuildConfig:
     label_texts: int = 2000  # tagged stories for labelling
     probe_items: int = 3600  # fact prompts (all uncertainty levels) for the probe
     threads: int = 2
+    dictionaries: DictConfig = field(default_factory=DictConfig)  # G-SAE, SpaDE, FF-KV labels
 
     def quick(self) -> "BuildConfig":
         """A tiny build for smoke tests (seconds, not minutes; quality not checked)."""
         lm = replace(self.lm, max_steps=100, min_steps=0, eval_every=100, eval_items=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2)
-        return replace(self, lm=lm, d_sae=64, k=4, sae_steps=30, sae_batch_size=256, sae_texts=120, label_texts=60, probe_items=96)
+        return replace(self, lm=lm, d_sae=64, k=4, sae_steps=30, sae_batch_size=256, sae_texts=120, label_texts=60, probe_items=96,
+                       dictionaries=self.dictionaries.quick())
 
 
 def _versions() -> dict[str, str]:
@@ -181,6 +185,8 @@ def build(
     table = label_sae_on_tokens(model, sae, cfg.hook, tagged_tokens(tok, tagged), pad_id=tok.pad_token_id, batch_size=64)
     save_native(sae, sae_dir)
     t = lap("labels", t)
+    dictionaries = build_dictionaries(model, tok, root, cfg.hook, cfg.dictionaries, log=log, store=store)
+    t = lap("dictionaries", t)
 
     # 4. the risk probe -----------------------------------------------------------------------
     items = world.fact_items(cfg.probe_items, seed=cfg.seed + 30)
@@ -222,6 +228,7 @@ def build(
                     "loss_clean": lr.clean, "loss_with_sae": lr.with_sae, "loss_zero_ablated": lr.zero_ablated},  # fmt: skip
             "labels": {"n_labelled": len(table.by_concept), "concepts": table.rows()},
             "risk": {"n_items": len(items), "halluc_rate": float(y.float().mean()), "l1": l1, "val_auroc": val_auroc},
+            "dictionaries": dictionaries,
         },
         "timings": timings,
         "build_seconds": build_seconds,

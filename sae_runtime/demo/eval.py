@@ -31,14 +31,14 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from sae_runtime.backends.causal_lm import CausalLmBackend
 from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import SamplingParams, TextRequest
-from sae_runtime.demo import world
+from sae_runtime.demo import dictionaries, world
 from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME, first_sentence_completion
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
 
@@ -101,12 +101,14 @@ def _well_formed_share(prompts: Sequence[str], texts: Sequence[str]) -> float:
 
 
 def steering_eval(
-    backend: CausalLmBackend, n_prompts: int = 60, value: float = STEER_VALUE, max_new_tokens: int = 24, temperature: float = STEER_TEMPERATURE
+    backend: CausalLmBackend, n_prompts: int = 60, value: float = STEER_VALUE, max_new_tokens: int = 24, temperature: float = STEER_TEMPERATURE,
+    sae: str = SAE_NAME, op: EditOp = EditOp.SET, normalize: bool = False, values: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-colour shares with the ``color:<c>`` latent clamped to ``value``, and without edits.
 
     Continuations are decoded at ``temperature`` (0 = greedy) with seed i for prompt i, steered and
-    base alike. ``base_share`` averages each colour's base share over the colours, so it is 1/6
+    base alike. ``sae``/``op``/``normalize`` choose the dictionary and the edit (default: clamp the
+    concepts SAE); ``values`` gives a value per colour instead of ``value``. ``base_share`` averages each colour's base share over the colours, so it is 1/6
     by construction; ``steer_per_colour`` has each colour's own base share.
     """
     prompts = story_prompts(n_prompts, EVAL_SEED + 1)
@@ -116,11 +118,12 @@ def steering_eval(
     per_colour: dict[str, dict[str, float]] = {}
     steered_wf = []
     for c in world.FAMILIES["color"]:
-        plan = InterventionPlan(edits=(LatentEdit(sae=SAE_NAME, op=EditOp.SET, labels=(f"color:{c}",), value=value),))
+        v = value if values is None else values[c]
+        plan = InterventionPlan(edits=(LatentEdit(sae=sae, op=op, labels=(f"color:{c}",), value=v, normalize=normalize),))
         texts = [r.steered.text for r in _generate(backend, prompts, plan, sampling, seeded=True)]
         colours = [w for t in texts for w in world.words_of(t, "color")]
         per_colour[c] = {
-            "latent": backend.saes[SAE_NAME].labels[f"color:{c}"],
+            "latent": backend.saes[sae].labels[f"color:{c}"],
             "share": colours.count(c) / max(len(colours), 1),
             "base_share": base_colours.count(c) / max(len(base_colours), 1),
             "colour_words": len(colours),
@@ -220,6 +223,7 @@ def evaluate(models: str | Path, steer_value: float = STEER_VALUE, steer_tempera
         "per_colour_share": {c: v["share"] for c, v in sampled["steer_per_colour"].items()}
     }
     report.update(sae_eval(backend))
+    report["dictionaries"] = dictionaries.compare(models)
     report["build_seconds"] = manifest.get("build_seconds")
     report["seed"] = manifest.get("seed")
     report["eval_seconds"] = round(time.perf_counter() - started, 1)

@@ -367,6 +367,17 @@ def words_of(text: str, family: str) -> list[str]:
     return [w for w in text.split() if _WORD_FAMILY.get(w) == family]
 
 
+#: Parent concepts for feature absorption: ``is:<family>`` ("is a colour word", "is an animal
+#: word", ...), whose children are the family's words. Ground truth is the word itself.
+PARENT_CONCEPTS: dict[str, tuple[str, ...]] = {f"is:{fam}": words for fam, words in FAMILIES.items()}
+
+
+def parent_concept(word: str) -> str | None:
+    """The parent concept of a word (``fox`` -> ``is:animal``), or None for function words."""
+    fam = _WORD_FAMILY.get(word)
+    return f"is:{fam}" if fam else None
+
+
 def count_tags(texts: Iterable[TaggedText]) -> dict[str, int]:
     """How many word positions carry each tag."""
     counts: dict[str, int] = {}

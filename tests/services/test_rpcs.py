@@ -38,7 +38,7 @@ from tests.services.helpers import (
     png_bytes,
 )
 
-STEERING_METHODS = {"Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "ListModels", "SearchFeatures"}
+STEERING_METHODS = {"Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "ListModels", "SearchFeatures", "EvaluateSae"}
 
 
 def ids(completion) -> list[int]:
@@ -218,6 +218,26 @@ def test_encode_equals_the_library_result(client, lm_backend):
         assert latents(got.saes[0].before) == [(a.index, a.label or "") for a in want[0].before]
         assert [a.value for a in got.saes[0].before] == pytest.approx([a.value for a in want[0].before], abs=1e-4)
     assert response.risk.score == pytest.approx(expected.risk.probability, abs=1e-4)
+    assert response.versions.model == LM
+
+
+def test_evaluate_sae_equals_the_library_result_and_respects_the_limits(service, lm_backend):
+    from steering.v1 import steering_pb2_grpc
+
+    from sae_runtime.evaluate import evaluate_backend_sae
+
+    texts = ["the red cat", "a dog runs"]
+    with grpc.insecure_channel(service.target) as channel:
+        stub = steering_pb2_grpc.SteeringStub(channel)
+        response = stub.EvaluateSae(pb.EvaluateSaeRequest(model=LM, sae=LM_SAE, texts=texts), timeout=120)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.EvaluateSae(pb.EvaluateSaeRequest(model=LM, sae=LM_SAE, texts=["a"] * 17), timeout=120)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "texts" in err.value.details()
+    with one_thread():
+        expected = evaluate_backend_sae(lm_backend, LM_SAE, texts)
+    assert (response.n_tokens, response.l0) == (expected.n_tokens, pytest.approx(expected.l0))
+    assert response.fvu == pytest.approx(expected.fvu, rel=1e-4)
+    assert response.loss_recovered == pytest.approx(expected.loss_recovered, rel=1e-4, abs=1e-6)
     assert response.versions.model == LM
 
 
