@@ -68,8 +68,8 @@ class _Located(_Strict):
 
     @model_validator(mode="after")
     def _one_location(self):
-        if getattr(self, "demo", False):
-            return self  # ModelConfig._consistent checks demo entries
+        if getattr(self, "demo", False) or getattr(self, "transfer", None) is not None:
+            return self  # ModelConfig._consistent checks demo entries, SaeEntry transferred ones
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of 'path' or 'hub_id'")
         return self
@@ -80,15 +80,37 @@ class _Located(_Strict):
         return str((base_dir / os.path.expanduser(self.path)).resolve())
 
 
+class TransferEntry(_Strict):
+    """An SAE of another model carried over by a stitch (sae_runtime.stitch), at load time."""
+
+    sae: str  # local path of the SAE on the stitch's model A
+    stitch: str  # local path of the stitch directory
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
     hook_name: str | None = None  # overrides the hook recorded in the SAE's own config
+    transfer: TransferEntry | None = None  # instead of path / hub_id
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _check_name(value)
+
+    @model_validator(mode="after")
+    def _transfer_alone(self):
+        if self.transfer is not None and (self.path is not None or self.hub_id is not None):
+            raise ValueError("give 'transfer' instead of 'path' / 'hub_id', not with them")
+        return self
+
+    def location(self, base_dir: Path) -> str:
+        if self.transfer is not None:
+            return str((base_dir / os.path.expanduser(self.transfer.sae)).resolve())
+        return super().location(base_dir)
+
+    def stitch_location(self, base_dir: Path) -> str | None:
+        return None if self.transfer is None else str((base_dir / os.path.expanduser(self.transfer.stitch)).resolve())
 
 
 class LimitsEntry(_Strict):
@@ -198,7 +220,8 @@ class ModelConfig(_Located):
             kind=self.kind,
             path="" if self.demo else self.location(base_dir),
             saes=tuple(
-                SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format) for s in self.saes
+                SaeSpec(name=s.name, path=s.location(base_dir), hook_name=s.hook_name, format=s.format, stitch=s.stitch_location(base_dir))
+                for s in self.saes
             ),
             risk_probe=probe,
             description=self.description,

@@ -43,7 +43,11 @@ def load_spec_saes(spec: ModelSpec) -> tuple[dict[str, Sae], dict[str, float]]:
     seconds: dict[str, float] = {}
     for s in spec.saes:
         started = time.perf_counter()
-        sae = load_sae(resolve_sae_location(s.path), format=s.format, device=spec.device)
+        sae = load_sae(resolve_sae_location(s.path), format=s.format, device=None if s.stitch else spec.device)
+        if s.stitch:
+            from sae_runtime.stitch import Stitch, transfer_sae
+
+            sae = transfer_sae(sae, Stitch.load(s.stitch)).to(spec.device)
         if s.hook_name:
             sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
         saes[s.name] = sae

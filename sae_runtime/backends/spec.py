@@ -20,6 +20,9 @@ class SaeSpec:
     path: str
     hook_name: str | None = None
     format: str | None = None  # None = detect from the directory's files
+    #: A stitch directory (sae_runtime.stitch): ``path`` is then an SAE of the stitch's model A,
+    #: transferred to this model at load time.
+    stitch: str | None = None
 
 
 @dataclass(frozen=True)
