@@ -24,6 +24,7 @@ from sae_runtime.errors import InvalidArgument
 
 def fit_demo_probe(model: Any, tok: Any, sae: Any, sae_name: str, n_items: int, seed: int, progress: bool = False) -> tuple[Any, dict[str, Any]]:
     """(RiskProbe, metrics) for ``sae`` (named ``sae_name``) on ``n_items`` items drawn with ``seed``."""
+    from sae_runtime.demo import world
     from sae_runtime.demo.build import answer_items
     from sae_runtime.demo.layouts import probe_training_items
     from sae_runtime.risk import RiskProbe, auroc, select_l1, stratified_split
@@ -47,7 +48,34 @@ def fit_demo_probe(model: Any, tok: Any, sae: Any, sae_name: str, n_items: int, 
         "final": auroc(probe.predict_proba(features[val_idx], "final"), y[val_idx]),
     }
     probe.meta.update(val_auroc_prompt=val_auroc["prompt"], val_auroc_final=val_auroc["final"], l1_grid={str(k): v for k, v in grid.items()}, training_items="layouts.probe_training_items")
+    probe.meta.update(abstain_text=f"{world.UNKNOWN} .", unknown_latents=unknown_latents(model, tok, sae, 200, seed + 1) | {"sae": sae_name})
     return probe, {"n_items": len(items), "halluc_rate": float(y.float().mean()), "l1": l1, "val_auroc": val_auroc}
+
+
+def unknown_latents(model: Any, tok: Any, sae: Any, n: int, seed: int, top: int = 3) -> dict[str, Any]:
+    """The latents that carry the answer ``unknown``, for the ``steer_unknown`` mitigation: at the
+    last prompt position (``answer :``), the ``top`` latents whose mean activation most exceeds,
+    on empty-context questions (the LM answers ``unknown``), its mean on intact-context ones;
+    their value is that empty-context mean."""
+    import random
+
+    from sae_runtime.demo import world
+    from sae_runtime.training.activations import capture, tokenize
+
+    rng = random.Random(seed)
+    empty = [world.question_text(rng.choice(world.FAMILIES["animal"]), rng.choice(world.FACT_FAMILIES)) for _ in range(n)]
+    intact = [it.prompt for it in world.fact_items(n, seed, mix=[("intact", 0.0)])]
+
+    def last_latents(prompts: list[str]) -> torch.Tensor:
+        batch = tokenize(tok, prompts, 128)
+        acts = capture(model, sae.cfg.hook_name, batch["input_ids"], batch["attention_mask"])
+        last = batch["attention_mask"].sum(1) - 1
+        with torch.no_grad():
+            return sae.encode(acts[torch.arange(len(prompts)), last].float()).float()
+
+    on_empty, on_intact = last_latents(empty).mean(0), last_latents(intact).mean(0)
+    order = torch.argsort(on_empty - on_intact, descending=True)[:top]
+    return {"sae": None, "latents": [int(i) for i in order], "values": [float(on_empty[i]) for i in order], "where": "last prompt position"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

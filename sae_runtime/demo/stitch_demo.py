@@ -3,10 +3,11 @@ the demo LM (A) to it (B), the concepts SAE transferred to B, and the figures of
 
 Build (called by :func:`sae_runtime.demo.build.build`; writes ``<out>/demo-lm-b/``):
 
-- ``model/``            LM B (hidden 96, 5 layers; A is 128 wide, 4 deep), same tokenizer
+- ``model/``            LM B (hidden 64, 5 layers; A is 128 wide, 4 deep), same tokenizer
 - ``stitch/``           the affine maps A.blocks.2.hook_resid_post <-> B's SVCCA-chosen layer
 - ``saes/concepts/``    A's concepts SAE transferred to B (native format, A's labels)
-- ``saes/native/``      a TopK SAE trained on B at that layer with A's recipe (the baseline)
+- ``saes/native/``      a TopK SAE trained on B at that layer with A's recipe (the baseline;
+                        it is the warm-start comparison's from-scratch run)
 - ``risk/``             A's risk probe carried over to the transferred SAE
 - ``manifest.json``     configs, SVCCA scores, stitch FVUs, the warm-start comparison, timings
 
@@ -34,7 +35,7 @@ MODEL_DIR, STITCH_DIR, SAE_NAME, NATIVE_NAME, RISK_DIR, MANIFEST = "model", "sti
 @dataclass(frozen=True)
 class StitchDemoConfig:
     seed: int = 0
-    lm: LmTrainConfig = field(default_factory=lambda: LmTrainConfig(hidden_size=96, intermediate_size=384, num_layers=5, num_heads=4, seed=1))
+    lm: LmTrainConfig = field(default_factory=lambda: LmTrainConfig(hidden_size=64, intermediate_size=256, num_layers=5, num_heads=4, seed=1, min_steps=200, eval_every=100))
     stitch_texts: int = 3000
     stitch_steps: int = 400
     compare_eval_every: int = 100
@@ -60,7 +61,6 @@ def build_b(out: str | Path, model_a: Any, tok: Any, sae_a: Any, probe_a: Any, s
     from sae_runtime.stitch.transfer import transfer_probe, transfer_sae
     from sae_runtime.stitch.warmstart import compare
     from sae_runtime.training.activations import ActivationStore
-    from sae_runtime.training.trainer import train_sae
 
     started = time.perf_counter()
     root = Path(out) / NAME
@@ -95,12 +95,11 @@ def build_b(out: str | Path, model_a: Any, tok: Any, sae_a: Any, probe_a: Any, s
     n_eval = max(8, len(texts) // 20)
     store = ActivationStore.collect(model_b, tok, texts[n_eval:], stitch.hook_b, batch_size=64, max_length=128, model_name=NAME, progress=False)
     eval_acts = collect(model_b, tok, texts[:n_eval], stitch.hook_b)
-    native = train_sae(store, sae_cfg, hook_name=stitch.hook_b, model_name=NAME, eval_acts=eval_acts, progress=False)
-    save_native(native.sae, root / "saes" / NATIVE_NAME)
-    lap("native_sae")
-
-    warm = compare(store, sae_cfg, eval_acts, transferred, stitch_flops=int(stitch.meta["flops"]), eval_every=cfg.compare_eval_every, target=native.report.final.fvu)
-    lap("warm_start")
+    # the scratch run is the native SAE (the same run train_sae makes with this config)
+    warm, trainer = compare(store, sae_cfg, eval_acts, transferred, stitch_flops=int(stitch.meta["flops"]), eval_every=cfg.compare_eval_every)
+    save_native(trainer.to_sae(stitch.hook_b, NAME), root / "saes" / NATIVE_NAME)
+    native = trainer.evaluate(eval_acts)
+    lap("sae_runs")
 
     manifest = {
         "name": NAME,
@@ -111,7 +110,7 @@ def build_b(out: str | Path, model_a: Any, tok: Any, sae_a: Any, probe_a: Any, s
         "metrics": {
             "lm": lm_metrics | {"fact_accuracy_probe_set": fact_accuracy(model_b, tok, world.fact_items(200, cfg.seed + 40, mix=[("intact", 0.0)]))},
             "stitch": {k: v for k, v in stitch.meta.items() if k != "config"},
-            "native_sae": {"fvu": native.report.final.fvu, "l0": native.report.final.l0, "dead_fraction": native.report.final.dead_fraction},
+            "native_sae": {"fvu": native.fvu, "l0": native.l0, "dead_fraction": native.dead_fraction},
             "warm_start": warm,
         },
         "timings": timings,

@@ -69,8 +69,9 @@ def _step_flops(trainer: SaeTrainer, batch: Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def run(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, *, init: Sae | None = None, eval_every: int = 100) -> tuple[Curve, int]:
-    """(held-out FVU curve, FLOPs per step) of one training run, from ``init`` or from scratch."""
+def run(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, *, init: Sae | None = None, eval_every: int = 100) -> tuple[Curve, int, SaeTrainer]:
+    """(held-out FVU curve, FLOPs per step, the trained trainer) of one run, from ``init`` or from
+    scratch. From scratch it is the run :func:`train_sae` makes with the same config and data."""
     probe_rows = next(store.batches(min(8192, store.n_tokens), shuffle=True, seed=cfg.seed))
     trainer = SaeTrainer(cfg, store.d_in, scale=normalization_scale(probe_rows), init_batch=probe_rows)
     if init is not None:
@@ -86,15 +87,15 @@ def run(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, *, init: Sa
         if step % eval_every == 0 or step == cfg.steps:
             curve.steps.append(step)
             curve.fvu.append(trainer.evaluate(eval_acts).fvu)
-    return curve, flops
+    return curve, flops, trainer
 
 
-def compare(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, transferred: Sae, *, stitch_flops: int = 0, eval_every: int = 100, target: float | None = None) -> dict[str, Any]:
+def compare(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, transferred: Sae, *, stitch_flops: int = 0, eval_every: int = 100, target: float | None = None) -> tuple[dict[str, Any], SaeTrainer]:
     """Scratch vs transferred-init runs; steps and FLOPs to reach ``target`` FVU (default: the
     scratch run's final FVU). ``saved_fraction`` = 1 - warm FLOPs / scratch FLOPs (None when a run
-    never reaches the target)."""
-    scratch, flops = run(store, cfg, eval_acts, eval_every=eval_every)
-    warm, _ = run(store, cfg, eval_acts, init=transferred, eval_every=eval_every)
+    never reaches the target). Also returns the scratch run's trainer (the native SAE)."""
+    scratch, flops, native = run(store, cfg, eval_acts, eval_every=eval_every)
+    warm, _, _ = run(store, cfg, eval_acts, init=transferred, eval_every=eval_every)
     goal = scratch.fvu[-1] if target is None else target
     s_steps, w_steps = scratch.first_reaching(goal), warm.first_reaching(goal)
     s_flops = None if s_steps is None else s_steps * flops
@@ -106,7 +107,7 @@ def compare(store: ActivationStore, cfg: TrainConfig, eval_acts: Tensor, transfe
         "flops_per_step": flops,
         "stitch_flops": stitch_flops,
         "saved_fraction": None if s_flops is None or w_flops is None else 1.0 - w_flops / s_flops,
-    }
+    }, native
 
 
 __all__ = ["Curve", "compare", "load_into_trainer", "run"]
