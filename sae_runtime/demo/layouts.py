@@ -6,12 +6,14 @@ the asked fact anywhere. A layout here fixes how the context is built:
 
 - ``one``    exactly one fact sentence; ``absent`` then asks about *another animal* in the same
              family (``the fox is red . question : what colour is the cat ?``: the README example)
-- ``many``   5-7 fact sentences, families may repeat (about distinct animals), longer than any
-             context the LM or the shipped probe saw
+- ``many``   5-7 sentences: 1-3 facts of distinct families among story-like sentences (``the owl sings .``), longer than
+             any context the LM or the probe was trained on
 - ``first``  2-3 facts of distinct families, the asked fact first
 - ``last``   the same, the asked fact last
-- ``mixed``  1-4 facts, families may repeat, optionally one story sentence as a distractor: the
-             probe's extra training layout (never used by the held-out eval)
+- ``mixed``  the probe's extra training layout (never used by the held-out eval): 1-3 facts of
+             distinct families, 0-2 story-like sentences in between, and for ``absent`` half the time
+             the asked fact's animal swapped for another (a same-family value about another
+             animal stays in the context)
 
 Variants are those of the world (intact, shuffled, noise, absent); for ``absent`` the asked fact
 is removed and, except in ``one``, the others stay. Items are :class:`world.FactItem`, labelled
@@ -43,31 +45,32 @@ def layout_item(rng: random.Random, layout: str, variant: str, noise: float = 0.
         raise ValueError(f"unknown layout {layout!r} (use {LAYOUTS})")
     if variant not in world.VARIANTS:
         raise ValueError(f"unknown variant {variant!r}")
-    distractor: list[str] = []
+    stories: list[list[str]] = []
+    swap = False
     if layout == "one":
         facts = _facts(rng, 1, True)
-        animal, fam, value = facts[0]
-        if variant == "absent":  # same family, another animal
-            animal = rng.choice([a for a in world.FAMILIES["animal"] if a != facts[0][0]])
-            value = ""
         asked = 0
     elif layout == "many":
-        facts = _facts(rng, rng.randint(5, 7), False)
+        facts = _facts(rng, rng.randint(1, 3), True)
         asked = rng.randrange(len(facts))
+        stories = [_story_sentence(rng) for _ in range(rng.randint(5, 7) - len(facts))]
     elif layout in ("first", "last"):
         facts = _facts(rng, rng.randint(2, 3), True)
         asked = 0 if layout == "first" else len(facts) - 1
     else:  # mixed
-        facts = _facts(rng, rng.randint(1, 4), False)
+        facts = _facts(rng, rng.randint(1, 3), True)
         asked = rng.randrange(len(facts))
-        if rng.random() < 0.5:
-            distractor = world.story(rng).text.split(" . ")[0].split() + ["."]
-    if layout != "one":
-        animal, fam, value = facts[asked]
-    kept = [f for i, f in enumerate(facts) if variant != "absent" or layout == "one" or i != asked]
+        stories = [_story_sentence(rng) for _ in range(rng.randint(0, 2))]
+        swap = variant == "absent" and rng.random() < 0.5
+    animal, fam, value = facts[asked]
+    if variant == "absent" and (layout == "one" or swap):  # the fact stays, the question asks about another animal
+        animal = rng.choice([a for a in world.FAMILIES["animal"] if all(a != f[0] for f in facts)])
+        kept = list(facts)
+    else:
+        kept = [f for i, f in enumerate(facts) if variant != "absent" or i != asked]
     sentences = [world.fact_sentence(*f) for f in kept]
-    if distractor:
-        sentences.insert(rng.randint(0, len(sentences)), distractor)
+    for st in stories:
+        sentences.insert(rng.randint(0, len(sentences)), st)
     if variant == "shuffled":
         for s in sentences:
             body = s[:-1]
@@ -87,6 +90,12 @@ def layout_item(rng: random.Random, layout: str, variant: str, noise: float = 0.
         noise=noise if variant == "noise" else 0.0,
         facts=tuple(facts),
     )
+
+
+def _story_sentence(rng: random.Random) -> list[str]:
+    """A story-like sentence without colour, place or mood words (``the owl sings .``): it adds
+    length but cannot support an answer."""
+    return ["the", rng.choice(world.FAMILIES["animal"]), rng.choice(world.FAMILIES["action"]), "."]
 
 
 def layout_items(n: int, seed: int, layouts: Sequence[str], mix: Sequence[tuple[str, float]] = HELD_OUT_MIX) -> list[tuple[str, world.FactItem]]:

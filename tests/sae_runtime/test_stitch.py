@@ -240,3 +240,26 @@ def test_config_transfer_entry_becomes_a_stitched_sae_spec(tmp_path):
     with pytest.raises(Exception) as err:
         parse_config({"models": [{"name": "b", "kind": "causal_lm", "path": "m", "saes": [{"name": "c", "path": "x", "transfer": {"sae": "a", "stitch": "s"}}]}]})
     assert "transfer" in str(err.value)
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def test_shipped_demo_b_holds_the_transfer_of_the_demo_sae_and_fits_the_budget():
+    from sae_runtime.demo import stitch_demo
+    from sae_runtime.demo.build import sae_corpus
+    from sae_runtime.stitch.pipeline import collect
+
+    files = [f for f in MODELS.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+    root = MODELS / stitch_demo.NAME
+    manifest = json.loads((root / stitch_demo.MANIFEST).read_text())
+    stitch = Stitch.load(root / stitch_demo.STITCH_DIR)
+    assert stitch.hook_b == manifest["hook_b"] and stitch.meta["svcca"][stitch.hook_b] == max(stitch.meta["svcca"].values())
+    backend = stitch_demo.load_backend_b(MODELS)
+    moved, original = backend.saes[stitch_demo.SAE_NAME], load_sae(MODELS / "demo-lm" / "saes" / "concepts")
+    assert moved.labels == original.labels and moved.d_in == backend.model.config.hidden_size != original.d_in
+    h_b = collect(backend.model, backend.tokenizer, sae_corpus(8, seed=9_000), stitch.hook_b)
+    x_a = torch.from_numpy(h_b.double().numpy() @ stitch.P_down.double().numpy() + stitch.b_down.double().numpy())
+    with torch.no_grad():
+        torch.testing.assert_close(moved.encode(h_b), original.encode(x_a.float()), atol=1e-3, rtol=1e-4)
