@@ -101,15 +101,19 @@ def choose_threshold(mixed: _Set, intact: _Set, mode: str) -> float:
     return min(ok, key=lambda p: (p["halluc_rate"], -p["threshold"]))["threshold"]
 
 
-def evaluate(backend: Any, seed: int, n_mixed: int = 600, n_intact: int = 300, n_calibration: int = 300, n_held_out: int = 480) -> dict[str, Any]:
-    """The ``mitigation`` report (see the module doc); ``seed`` must be disjoint from the build's."""
+def evaluate(
+    backend: Any, seed: int, n_mixed: int = 600, n_intact: int = 300, n_calibration: int = 240, n_held_out: int = 400,
+    modes: Sequence[str] = ("abstain", "steer_unknown", "suppress"),
+) -> dict[str, Any]:
+    """The ``mitigation`` report (see the module doc); ``seed`` must be disjoint from the build's.
+    ``modes`` must start with the default mode (``abstain``); ``steer_unknown`` is skipped when
+    the probe records no unknown latents."""
     from sae_runtime.demo.layouts import HELD_OUT_LAYOUTS, layout_items
     from sae_runtime.risk import auroc
 
     resources = MitigationResources.from_probe(backend.risk_probe)
-    modes = [MitigationSpec.parse("abstain"), MitigationSpec.parse("suppress", params={"top_n": 10})]
-    if resources.unknown_latents:
-        modes.insert(1, MitigationSpec.parse("steer_unknown"))
+    specs = {"abstain": MitigationSpec.parse("abstain"), "steer_unknown": MitigationSpec.parse("steer_unknown"), "suppress": MitigationSpec.parse("suppress", params={"top_n": 10})}
+    modes = [specs[m] for m in modes if m != "steer_unknown" or resources.unknown_latents]
     cal_mixed = _Set(backend, world.fact_items(n_calibration, seed + 5), resources, modes)
     cal_intact = _Set(backend, world.fact_items(n_calibration // 2, seed + 6, mix=[("intact", 0.0)]), resources, modes)
     mixed = _Set(backend, world.fact_items(n_mixed, seed + 3), resources, modes)

@@ -83,13 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default="models")
     p.add_argument("--items", type=int, default=None, help="default: the build manifest's probe_items")
     p.add_argument("--seed", type=int, default=None, help="default: the build manifest's seed")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME
     from sae_runtime.formats import load_sae
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = Path(args.models) / "demo-lm"
     manifest = json.loads((root / MANIFEST).read_text())
     seed = manifest["seed"] if args.seed is None else args.seed
