@@ -9,9 +9,10 @@ per mode give the answer at every threshold.
 
 - ``curve``: per threshold, on fact prompts of every uncertainty level (the eval's mix), the
   hallucination rate and abstention rate, and on intact items the fact accuracy, with ``abstain``.
-- the default threshold is chosen on a separate calibration set (its own seed): the lowest
-  hallucination rate whose intact accuracy stays >= 0.95; the report gives its figures on the
-  eval set, for each mode.
+- the default threshold is chosen on a separate calibration set (its own seed): the highest
+  threshold (fewest abstentions) that brings the hallucination rate to 0.8 x half the plain rate
+  (a margin for sampling error) with intact accuracy >= 0.95; the report gives its figures on
+  the eval set, for each mode.
 - ``held_out``: the same on the layouts of :mod:`.layouts` (one sentence, 5-7 sentences, asked
   fact first / last), with the probe's AUROC per layout.
 """
@@ -93,11 +94,18 @@ def _point(mixed: _Set, intact: _Set, mode: str, t: float) -> dict[str, float]:
     }
 
 
-def choose_threshold(mixed: _Set, intact: _Set, mode: str) -> float:
-    """Lowest hallucination rate with intact accuracy >= MIN_ACCURACY (ties: the highest threshold)."""
-    ok = [p for p in (_point(mixed, intact, mode, t) for t in THRESHOLDS) if p["fact_accuracy"] >= MIN_ACCURACY]
+def choose_threshold(mixed: _Set, intact: _Set, mode: str, margin: float = 0.8) -> float:
+    """The highest threshold (fewest abstentions) whose hallucination rate is at most ``margin``
+    x half the unmitigated rate with intact accuracy >= MIN_ACCURACY; if none, the lowest
+    hallucination rate with that accuracy (1.0 when no threshold keeps the accuracy)."""
+    points = [_point(mixed, intact, mode, t) for t in THRESHOLDS]
+    ok = [p for p in points if p["fact_accuracy"] >= MIN_ACCURACY]
     if not ok:
         return 1.0
+    goal = margin * 0.5 * mixed.halluc_rate(mixed.plain)
+    meeting = [p for p in ok if p["halluc_rate"] <= goal]
+    if meeting:
+        return max(p["threshold"] for p in meeting)
     return min(ok, key=lambda p: (p["halluc_rate"], -p["threshold"]))["threshold"]
 
 
