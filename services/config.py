@@ -100,6 +100,13 @@ class FfkvEntry(_Strict):
     k: int | None = Field(None, ge=1)
 
 
+class TransferEntry(_Strict):
+    """An SAE of another model carried over by a stitch (sae_runtime.stitch), at load time."""
+
+    sae: str  # local path of the SAE on the stitch's model A
+    stitch: str  # local path of the stitch directory
+
+
 class SaeEntry(_Located):
     name: str
     format: str | None = None  # None = detect from the files; the loader rejects unknown formats
@@ -112,6 +119,7 @@ class SaeEntry(_Located):
     neuronpedia_id: str | None = None
     #: Built from the model's MLP; ``path`` is then optional (a directory with ``labels.json``).
     ffkv: FfkvEntry | None = None
+    transfer: TransferEntry | None = None  # instead of path / hub_id
 
     @field_validator("name")
     @classmethod
@@ -120,6 +128,10 @@ class SaeEntry(_Located):
 
     @model_validator(mode="after")
     def _one_location(self):
+        if self.transfer is not None:
+            if self.path is not None or self.hub_id is not None or self.saelens is not None or self.ffkv is not None:
+                raise ValueError("give 'transfer' instead of 'path' / 'hub_id', not with them")
+            return self
         if self.ffkv is not None:
             if self.hub_id is not None or self.saelens is not None:
                 raise ValueError("an ffkv entry is built from the model: give no hub_id or saelens (path: an optional labels directory)")
@@ -143,7 +155,16 @@ class SaeEntry(_Located):
             neuronpedia_id=self.neuronpedia_id,
             ffkv_layer=self.ffkv.layer if self.ffkv else None,
             ffkv_k=self.ffkv.k if self.ffkv else None,
+            stitch=self.stitch_location(base_dir),
         )
+
+    def location(self, base_dir: Path) -> str:
+        if self.transfer is not None:
+            return str((base_dir / os.path.expanduser(self.transfer.sae)).resolve())
+        return super().location(base_dir)
+
+    def stitch_location(self, base_dir: Path) -> str | None:
+        return None if self.transfer is None else str((base_dir / os.path.expanduser(self.transfer.stitch)).resolve())
 
 
 class LimitsEntry(_Strict):

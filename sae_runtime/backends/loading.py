@@ -71,7 +71,11 @@ def load_spec_saes(spec: ModelSpec, model: "nn.Module | None" = None) -> tuple[d
             seconds[s.name] = time.perf_counter() - started
             continue
         location = saelens_registry.resolve(*s.saelens) if s.saelens else resolve_sae_location(s.path)
-        sae = load_sae(location, format=s.format, device=spec.device)
+        sae = load_sae(location, format=s.format, device=None if s.stitch else spec.device)
+        if s.stitch:
+            from sae_runtime.stitch import Stitch, transfer_sae
+
+            sae = transfer_sae(sae, Stitch.load(s.stitch)).to(spec.device)
         if s.hook_name:
             sae.cfg = sae.cfg.replace(hook_name=s.hook_name)
         if s.labels:

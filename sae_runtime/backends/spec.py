@@ -30,6 +30,9 @@ class SaeSpec:
     #: optional: a directory whose ``labels.json`` holds ``{"labels": {concept: neuron}}``).
     ffkv_layer: int | None = None
     ffkv_k: int | None = None  # FF-KV top-k (None = every neuron)
+    #: A stitch directory (sae_runtime.stitch): ``path`` is then an SAE of the stitch's model A,
+    #: transferred to this model at load time.
+    stitch: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,14 @@ Writes, under ``<out>/demo-lm/``:
 - ``risk/``             the hallucination-risk probe (risk_probe.json + .safetensors)
 - ``manifest.json``     seed, library versions, configs, metrics and ``build_seconds``
 
+and ``<out>/demo-lm-b/``, the stitching demo (:mod:`.stitch_demo`: a second LM, the stitch, the
+SAE and probe transferred to it, a native SAE on it).
+
 Steps: train the LM on the concept world (:mod:`.train_lm`); collect activations at the hook
 over stories and fact documents; train the SAE (:mod:`sae_runtime.training`); label latents with
 token-level concept tags; generate greedy answers to fact prompts of every uncertainty level,
 label each hallucinated or not (:func:`world.is_hallucinated`) and fit the probe on the pooled
-latents of prompt + answer. Everything runs on CPU; ``--quick`` shrinks every step (smoke tests).
+latents of prompt + answer (:mod:`.probe_build`, which adds contexts in other layouts). Everything runs on CPU; ``--quick`` shrinks every step (smoke tests).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from sae_runtime.demo import world
 from sae_runtime.demo.dictionaries import DictConfig, build_dictionaries
 from sae_runtime.demo.tokenizer import build_tokenizer
+from sae_runtime.demo.stitch_demo import StitchDemoConfig
 from sae_runtime.demo.train_lm import LmTrainConfig, fact_accuracy, greedy_generate, train_lm
 
 MODEL_DIR = "model"
@@ -60,12 +64,14 @@ class BuildConfig:
     probe_items: int = 3600  # fact prompts (all uncertainty levels) for the probe
     threads: int = 2
     dictionaries: DictConfig = field(default_factory=DictConfig)  # G-SAE, SpaDE, FF-KV labels
+    stitch: StitchDemoConfig | None = field(default_factory=StitchDemoConfig)  # None: no model B
 
     def quick(self) -> "BuildConfig":
         """A tiny build for smoke tests (seconds, not minutes; quality not checked)."""
         lm = replace(self.lm, max_steps=100, min_steps=0, eval_every=100, eval_items=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2)
+        stitch = self.stitch.quick() if self.stitch is not None else None
         return replace(self, lm=lm, d_sae=64, k=4, sae_steps=30, sae_batch_size=256, sae_texts=120, label_texts=60, probe_items=96,
-                       dictionaries=self.dictionaries.quick())
+                       dictionaries=self.dictionaries.quick(), stitch=stitch)
 
 
 def _versions() -> dict[str, str]:
@@ -128,12 +134,12 @@ def build(
 
     ``lm_from`` reuses the LM of an earlier build (its ``model`` directory) instead of training one.
     """
+    from sae_runtime.demo.probe_build import fit_demo_probe
+    from sae_runtime.demo.stitch_demo import build_b
     from sae_runtime.formats import save_native
-    from sae_runtime.risk import RiskProbe, auroc, select_l1, stratified_split
     from sae_runtime.training.activations import ActivationStore
     from sae_runtime.training.evaluation import loss_recovered_on_texts
     from sae_runtime.training.labelling import label_sae_on_tokens
-    from sae_runtime.training.risk_data import LabelledCompletion, collect_pooled, layout_of
     from sae_runtime.training.trainer import TrainConfig, train_sae
 
     t_start = time.perf_counter()
@@ -188,28 +194,8 @@ def build(
     dictionaries = build_dictionaries(model, tok, root, cfg.hook, cfg.dictionaries, log=log, store=store)
     t = lap("dictionaries", t)
 
-    # 4. the risk probe -----------------------------------------------------------------------
-    items = world.fact_items(cfg.probe_items, seed=cfg.seed + 30)
-    completions, labels = answer_items(model, tok, items)
-    rows = [LabelledCompletion(it.prompt, c, y) for it, c, y in zip(items, completions, labels)]
-    pooled = collect_pooled(model, tok, {SAE_NAME: sae}, rows, batch_size=64, progress=progress)
-    layout = layout_of({SAE_NAME: sae})
-    features = layout.build(pooled, "final")
-    y = torch.tensor(labels)
-    if y.min() == y.max():
-        raise RuntimeError(
-            f"all {len(items)} probe answers were labelled {'hallucinated' if y[0] else 'not hallucinated'}: "
-            "the probe needs both; train the LM longer or use more probe items"
-        )
-    train_idx, val_idx = stratified_split(y, 0.25, cfg.seed)
-    l1, grid = select_l1(features[train_idx], y[train_idx], layout, seed=cfg.seed)
-    probe = RiskProbe.fit(features[train_idx], y[train_idx], layout, l1=l1, latent_labels={SAE_NAME: dict(sae.labels)})
-    n_prompt = layout.n_features("prompt")
-    val_auroc = {
-        "prompt": auroc(probe.predict_proba(features[val_idx][:, :n_prompt], "prompt"), y[val_idx]),
-        "final": auroc(probe.predict_proba(features[val_idx], "final"), y[val_idx]),
-    }
-    probe.meta.update(val_auroc_prompt=val_auroc["prompt"], val_auroc_final=val_auroc["final"], l1_grid={str(k): v for k, v in grid.items()})
+    # 4. the risk probe (sae_runtime.demo.probe_build) -------------------------------------------
+    probe, risk_metrics = fit_demo_probe(model, tok, sae, SAE_NAME, cfg.probe_items, cfg.seed + 30, progress)
     probe.save(risk_dir)
     t = lap("risk", t)
 
@@ -227,7 +213,7 @@ def build(
             "sae": {"l0": f.l0, "fvu": f.fvu, "dead_fraction": f.dead_fraction, "loss_recovered": lr.fraction,
                     "loss_clean": lr.clean, "loss_with_sae": lr.with_sae, "loss_zero_ablated": lr.zero_ablated},  # fmt: skip
             "labels": {"n_labelled": len(table.by_concept), "concepts": table.rows()},
-            "risk": {"n_items": len(items), "halluc_rate": float(y.float().mean()), "l1": l1, "val_auroc": val_auroc},
+            "risk": risk_metrics,
             "dictionaries": dictionaries,
         },
         "timings": timings,
@@ -235,11 +221,15 @@ def build(
     }
     manifest["metrics"]["lm"].pop("config", None)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    val_auroc = risk_metrics["val_auroc"]
     log(
         f"LM fact accuracy {manifest['metrics']['lm']['fact_accuracy_probe_set']:.3f}  SAE L0 {f.l0:.1f} FVU {f.fvu:.3f} "
         f"loss recovered {lr.fraction:.3f}  probe val AUROC {val_auroc['prompt']:.3f}/{val_auroc['final']:.3f}"
     )
     log(f"build_seconds {build_seconds}")
+    # 5. the stitching demo's model B (sae_runtime.demo.stitch_demo, <out>/demo-lm-b) ------------
+    if cfg.stitch is not None:
+        build_b(out, model, tok, sae, probe, sae_cfg, cfg.sae_texts, replace(cfg.stitch, seed=cfg.seed, threads=cfg.threads), log)
     return manifest
 
 

@@ -21,6 +21,9 @@ probe are loaded from ``<models>/demo-lm`` with ``from_pretrained`` / ``load_sae
   (ablating the probe's most risk-positive latents during generation).
 - ``sae_l0``, ``sae_fvu``, ``sae_loss_recovered`` on held-out texts; ``build_seconds`` from the
   build manifest.
+- ``mitigation`` (:mod:`.mitigation_eval`): the per-request mitigation's risk-coverage curve and
+  default, and ``risk_auroc_held_out``, the probe's AUROC on context layouts it was not fitted on.
+- ``stitch`` (:mod:`.stitch_demo`): the SAE transferred to the second demo LM against a native one.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from sae_runtime.backends.causal_lm import CausalLmBackend
 from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import SamplingParams, TextRequest
-from sae_runtime.demo import dictionaries, world
+from sae_runtime.demo import dictionaries, mitigation_eval, stitch_demo, world
 from sae_runtime.demo.build import MANIFEST, MODEL_DIR, RISK_DIR, SAE_NAME, first_sentence_completion
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit
 
@@ -224,6 +227,11 @@ def evaluate(models: str | Path, steer_value: float = STEER_VALUE, steer_tempera
     }
     report.update(sae_eval(backend))
     report["dictionaries"] = dictionaries.compare(models)
+    report["mitigation"] = mitigation_eval.evaluate(backend, EVAL_SEED)
+    report["risk_auroc_held_out"] = report["mitigation"]["held_out"]["risk_auroc"]
+    stitch = stitch_demo.evaluate(models, EVAL_SEED + 4, steering_eval)
+    if stitch is not None:
+        report["stitch"] = stitch
     report["build_seconds"] = manifest.get("build_seconds")
     report["seed"] = manifest.get("seed")
     report["eval_seconds"] = round(time.perf_counter() - started, 1)
@@ -236,6 +244,7 @@ _CHECKS = {
     "fact_accuracy": (lambda v: v >= 0.90, ">= 0.90"),
     "steer_share": (lambda v: v >= 0.80, ">= 0.80"),
     "risk_auroc": (lambda v: v >= 0.85, ">= 0.85"),
+    "risk_auroc_held_out": (lambda v: v >= 0.85, ">= 0.85"),
     "build_seconds": (lambda v: v < 600, "< 600"),
 }
 TARGETS = {k: t for k, (_, t) in _CHECKS.items()}
@@ -253,6 +262,10 @@ def summary(report: dict[str, Any]) -> str:
         ("steer_well_formed, sampled (base)", report["steer_sampled"]["steer_well_formed"]["base"], ""),
         ("risk_auroc (prompt head)", report["risk_auroc"], ">= 0.85"),
         ("risk_auroc_final", report["risk_auroc_final"], ""),
+        ("risk_auroc_held_out (other layouts)", report["risk_auroc_held_out"], ">= 0.85"),
+        (f"mitigation ({report['mitigation']['mode']} at {report['mitigation']['default_threshold']}): halluc_rate", report["mitigation"]["halluc_rate_mitigated"], f"<= {0.5 * report['mitigation']['halluc_rate']:.3f}"),
+        ("mitigation: fact_accuracy (intact)", report["mitigation"]["fact_accuracy_mitigated"], ">= 0.95"),
+        ("mitigation: abstention_rate", report["mitigation"]["abstention_rate"], ""),
         ("halluc_rate", report["halluc_rate"], ""),
         (f"halluc_rate_mitigated (top {report['mitigate_top_n']})", report["halluc_rate_mitigated"], ""),
         ("risk, riskiest quartile (base)", report["risk_top_quartile"]["base"], ""),
@@ -266,6 +279,13 @@ def summary(report: dict[str, Any]) -> str:
     for name, value, target in rows:
         shown = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
         lines.append(f"{name:<38} {shown:>10}  {target}")
+    if "stitch" in report:
+        st = report["stitch"]
+        lines.append(
+            f"stitch {st['pair']}: zero-shot FVU {st['zero_shot']['transferred']['fvu']:.3f} (native {st['zero_shot']['native']['fvu']:.3f}), "
+            f"loss recovered {st['zero_shot']['transferred']['loss_recovered']:.3f} (native {st['zero_shot']['native']['loss_recovered']:.3f}), "
+            f"steer_share {st['steer_share']:.3f}, warm start steps {st['warm_start']['transferred_init_steps']} vs {st['warm_start']['scratch_steps']}"
+        )
     lines.append("hallucination rate by uncertainty level (base -> mitigated, mean prompt risk):")
     for level, d in report["by_uncertainty"].items():
         lines.append(f"  {level:<12} n={d['n']:<4} {d['halluc_rate']:.2f} -> {d['halluc_rate_mitigated']:.2f}  risk {d['mean_risk']:.2f}")
