@@ -133,7 +133,16 @@ def text_request_from_proto(
         include_default=msg.include_default,
         logprobs=msg.return_logprobs,
         mitigate_risk_top_n=msg.mitigate_risk_top_n,
+        mitigation=mitigation_from_proto(msg.mitigation) if msg.HasField("mitigation") else None,
     )
+
+
+def mitigation_from_proto(msg: pb.Mitigation) -> Any:
+    """A validated MitigationSpec (InvalidArgument names ``mitigation.<field>``)."""
+    from sae_runtime.mitigation import MitigationSpec
+
+    params = {name: getattr(msg, name) for name in ("text", "scale", "top_n") if msg.HasField(name)}
+    return MitigationSpec.parse(msg.mode or "none", msg.threshold, params)
 
 
 def image_request_from_proto(msg: pb.GenerateImageRequest, all_saes: Sequence[str]) -> rt.ImageRequest:
@@ -161,7 +170,7 @@ def encode_request_from_proto(msg: pb.EncodeRequest, all_saes: Sequence[str]) ->
 
 
 def is_steered(request: rt.TextRequest | rt.ImageRequest) -> bool:
-    return not request.plan.is_empty or bool(getattr(request, "mitigate_risk_top_n", 0))
+    return not request.plan.is_empty or bool(getattr(request, "mitigate_risk_top_n", 0)) or bool(getattr(request, "mitigation", None))
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -234,6 +243,7 @@ def text_result_to_proto(
         versions=versions,
         steered=steered,
         vision_latents=_positions(result.vision_latents),
+        mitigation=result.mitigation,
     )
     if result.default is not None:
         msg.default_completion.CopyFrom(completion_to_proto(result.default))

@@ -102,6 +102,11 @@ class CausalLmBackend(Backend):
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
         self.engine = self._new_engine(engine)
 
+    @property
+    def mitigation_resources(self):
+        """What the risk probe offers per-request mitigation (sae_runtime.mitigation)."""
+        return self.engine.mitigation_resources
+
     def _new_engine(self, config: EngineConfig, plugin: Any = None, vision_saes: Sequence[str] = ()) -> TextEngine:
         return TextEngine(self.model, self.tokenizer, self.attached, eos_ids=self.eos_ids, pad_id=self.pad_id,
                           vocab_size=self.vocab_size, labels=self.labels, risk_probe=self.risk_probe, config=config,

@@ -68,6 +68,15 @@ class RowText:
         self._prefix, self._read = self._read, len(self.ids)
         return piece
 
+    def replace_with(self, ids: list[int], text: str, finish_reason: str) -> None:
+        """End the row with a given completion (an abstention): ``ids`` as one record each, ``text``
+        as the decoded text (split at the records so their texts join to it)."""
+        self.ids = list(ids)
+        pieces = [self.tokenizer.decode(self.ids[: j + 1], skip_special_tokens=True) for j in range(len(self.ids))]
+        self.records = [TokenRecord(id=i, text=b[len(a):] if b.startswith(a) else b)
+                        for i, a, b in zip(self.ids, [""] + pieces[:-1], pieces)]
+        self.decoded, self.stop_at, self.finish_reason = text, None, finish_reason
+
     def push(self, token_id: int, logprob: float | None = None, top: tuple[tuple[str, float], ...] = ()) -> TokenRecord | None:
         """Add one generated id; returns its record, or None for an end-of-sequence id."""
         if self.done:

@@ -123,6 +123,10 @@ def check_text_request(backend: "CausalLmBackend", request: TextRequest, ids: Se
         raise InvalidArgument(f"must be an integer >= 0, got {mitigate!r}", field=f"{p}mitigate_risk_top_n")
     if mitigate > 0 and backend.risk_probe is None:
         raise InvalidArgument(f"model {backend.name!r} has no risk probe", field=f"{p}mitigate_risk_top_n")
+    if request.mitigation is not None:
+        from sae_runtime.mitigation import check
+
+        check(request.mitigation, backend.mitigation_resources)
     plan = request.plan.resolve(backend.saes, max_edits=max(backend.limits.max_edits - mitigate, 0), field_prefix=f"{p}plan")
     check_scope_applies(plan.scope, backend.kind, f"{p}plan.scope")
     if request.readout is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from sae_runtime.errors import NotFound
 from sae_runtime.plan import InterventionPlan, ReadoutSpec
@@ -51,6 +51,7 @@ class TextRequest:
     include_default: bool = False  # also return the unsteered twin (same seed, same batch)
     logprobs: int = 0  # top-n log-probs per generated token (0 = none)
     mitigate_risk_top_n: int = 0  # ablate the risk probe's N most risk-positive latents
+    mitigation: Any = None  # a sae_runtime.mitigation.MitigationSpec: risk-gated, decided after the prefill
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class TextResult:
     #: LLaVA: per vision-encoder position of the image (CLS first, then patches row-major), the top
     #: latents of the vision SAEs the readout names. Empty for text-only models and requests.
     vision_latents: tuple[tuple[PositionLatents, ...], ...] = ()
+    #: What the request's mitigation did: "" (none asked, or not gated), "abstain" or "steer".
+    mitigation: str = ""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from sae_runtime.engine.request import PreparedText, RequestRun, RequestStatus, 
 from sae_runtime.engine.scheduler import EngineConfig, Scheduler
 from sae_runtime.engine.step import ModalityPlugin, StepRunner
 from sae_runtime.errors import Cancelled, DeadlineExceeded
+from sae_runtime.mitigation import Action, MitigationResources, decide, mitigated_plan
 from sae_runtime.steering import AttachedSae
 
 
@@ -80,6 +81,8 @@ class TextEngine(StepLoop):
         self._free = list(range(n_slots - 1, -1, -1))
         self._running: list[RequestRun] = []
         self._ids = itertools.count()
+        self.mitigation_resources = MitigationResources.from_probe(risk_probe)
+        self._restarts: list[tuple[SequenceRun, RequestRun]] = []  # rows whose prompt is read again (mitigation)
         self.on_step: Callable[[StepStats], None] | None = None
 
     # -- submitting ------------------------------------------------------------------------------
@@ -151,7 +154,7 @@ class TextEngine(StepLoop):
         self._retire_stopped(started)
         self.kv.keep(self._live_slots())  # before admission: a freed slot may be taken again this step
         admitted = self.scheduler.admit()
-        if not admitted and not self._running:
+        if not admitted and not self._running and not self._restarts:
             return None
         try:
             stats = self._forwards(admitted, started)
@@ -172,7 +175,9 @@ class TextEngine(StepLoop):
                 self._end(run, RequestStatus.FAILED, DeadlineExceeded("the request did not finish before its deadline"))
 
     def _forwards(self, admitted: list[RequestRun], started: float) -> StepStats:
-        new_rows: list[SequenceRun] = []
+        new_rows: list[SequenceRun] = [seq for seq, _ in self._restarts]
+        owners = {id(seq): run for seq, run in self._restarts}
+        self._restarts = []
         for run in admitted:
             run.status, run.admitted = RequestStatus.PREFILLING, started
             for seq in run.sequences:
@@ -186,7 +191,7 @@ class TextEngine(StepLoop):
         prefill_tokens = 0
         with self.plans:
             if new_rows:
-                owners = {id(s): run for run in admitted for s in run.sequences}
+                owners.update({id(s): run for run in admitted for s in run.sequences})
                 if self.plugin is not None:
                     self.plugin.admit([(s, owners[id(s)].prepared) for s in new_rows], self.plans)
                 prompts = [owners[id(s)].prepared.prompt_ids for s in new_rows]
@@ -195,6 +200,7 @@ class TextEngine(StepLoop):
                 self._sample(new_rows, logits)
                 for run in admitted:
                     run.status = RequestStatus.DECODING
+                self._mitigate(admitted)
             by_slot = {s.slot: s for run in self._running for s in run.sequences}
             self.kv.keep([s for s in self.kv.slots if by_slot[s].needs_feed])  # a first token may have been eos
             decoded = len(self.kv.slots)
@@ -212,6 +218,33 @@ class TextEngine(StepLoop):
         self.kv.keep(self._live_slots())
         return StepStats(self.scheduler.rows, len(self.scheduler.waiting), self.kv.tokens_in_use,
                          (time.monotonic() - started) * 1e3, prefill_tokens, decoded, tuple(ttft), tuple(itl))
+
+    def _mitigate(self, runs: list[RequestRun]) -> None:
+        """Risk-gated mitigation of the steered rows of ``runs`` just prefilled (sae_runtime.mitigation):
+        an abstaining row ends with the abstention text; a steered row gets the decision's edits and
+        its prompt is read again next step (its first token was sampled without them)."""
+        asked = [r for r in runs if r.prepared.request.mitigation is not None and not r.mitigation_decided]
+        if not asked or self.risk_probe is None:
+            return
+        pools = self.plans.readouts.risk_pools([r.steered.slot for r in asked], self.probe_saes, with_generated=False)
+        for run, score in zip(asked, self.risk_probe.score_many(pools, "prompt")):
+            run.mitigation_decided = True
+            decision = decide(run.prepared.request.mitigation, score.probability, self.mitigation_resources)
+            seq = run.steered
+            if decision.action is Action.ABSTAIN:
+                ids = list(self.tokenizer(decision.text, add_special_tokens=False)["input_ids"])
+                seq.text.replace_with(ids, decision.text, "stop")
+                seq.n_fed = len(seq.text.records)  # nothing more to read: the row leaves this step
+                run.mitigation = "abstain"
+            elif decision.action is Action.STEER:
+                req = run.prepared.request
+                seq.plan = mitigated_plan(seq.plan or req.plan, decision)
+                seq.text = RowText(self.tokenizer, req.sampling.stop, req.sampling.max_new_tokens, self.eos_ids)
+                seq.generator, seq.n_fed = new_generator(run.prepared.seed)[0], 0
+                self.plans.assign(seq.slot, seq.plan, run.reads)
+                self.sampler.assign(seq.slot, req.sampling, seq.generator, run.prepared.prompt_ids)
+                self._restarts.append((seq, run))
+                run.mitigation = "steer"
 
     def _live_slots(self) -> list[int]:
         return [s.slot for run in self._running for s in run.sequences if not s.finished]
@@ -314,6 +347,7 @@ class TextEngine(StepLoop):
                 batch_size=run.running_at_admission,
             ),
             vision_latents=tuple(position_latents(steered, "prefill", vision_names, top_k, self.labels)) if vision_names else (),
+            mitigation=run.mitigation,
         )
 
     def _completion_tokens(self, run: RequestRun, seq: SequenceRun, readout: Mapping[str, Any], names: list[str],

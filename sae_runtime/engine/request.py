@@ -109,6 +109,8 @@ class RequestRun:
     running_at_admission: int = 0  # requests running once it was admitted (its own included)
     sent: int = 0  # streamed tokens of the steered row
     cancel_requested: bool = False
+    mitigation: str = ""  # what its mitigation did: "" (not asked / not gated), "abstain" or "steer"
+    mitigation_decided: bool = False
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
