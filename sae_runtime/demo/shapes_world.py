@@ -34,7 +34,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-SIZES = {"small": 5.0, "big": 7.5}  # half-extent in pixels at SIDE = 32
+SIZES = {"small": 4.5, "big": 6.5}  # half-extent in pixels at SIDE = 32
 QUESTIONS = {
     "colour": "question : what colour is the shape ? answer :",
     "shape": "question : what shape is it ? answer :",
@@ -125,7 +125,7 @@ def all_scenes(size: str | None = None) -> list[Scene]:
     return [Scene(c, s, p, z) for c in COLOURS for s in SHAPES for p in POSITIONS for z in sizes]
 
 
-def random_scenes(n: int, seed: int, *, jitter: int = 2, noise_levels: Sequence[float] = (0.0,)) -> list[Scene]:
+def random_scenes(n: int, seed: int, *, jitter: int = 1, noise_levels: Sequence[float] = (0.0,)) -> list[Scene]:
     """``n`` scenes drawn uniformly, with jitter in [-jitter, jitter] and a noise level drawn from
     ``noise_levels`` (each scene its own noise seed)."""
     rng = np.random.default_rng(seed)
