@@ -50,7 +50,7 @@ class ShapesBuildConfig:
     lm_images: int = 600
     probe_items: int = 900
     sdxl_seeds: int = 2
-    threads: int = 2
+    threads: int = 1  # one thread: on the shared 2-core build machine a second one bought nothing
 
     def quick(self) -> "ShapesBuildConfig":
         return replace(self, llava=self.llava.quick(), sdxl=self.sdxl.quick(), d_sae=32, k=4, sae_steps=10,
@@ -118,9 +118,16 @@ def prompt_forward(model: Any, processor: Any, scenes: Sequence[sw.Scene], kind:
     return torch.cat(vis), torch.cat(lm), torch.cat(logits)
 
 
-def build_llava(root: Path, cfg: ShapesBuildConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def build_llava(root: Path, cfg: ShapesBuildConfig, log: Callable[[str], None], llava_from: str | Path | None = None) -> dict[str, Any]:
     t = time.perf_counter()
-    model, processor, train_metrics = sl.train(replace(cfg.llava, seed=cfg.seed), log)
+    if llava_from is None:
+        model, processor, train_metrics = sl.train(replace(cfg.llava, seed=cfg.seed), log)
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(str(llava_from)).eval()
+        processor = AutoProcessor.from_pretrained(str(llava_from))
+        train_metrics = {"reused_from": "an earlier run of shapes_llava.train with this config"}
     sl.save(model, processor, root / "model")
     out = llava_saes(model, processor, root, cfg, log)
     out["timings"]["train"] = round(time.perf_counter() - t - sum(out["timings"].values()), 1)
@@ -244,11 +251,16 @@ def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str]
     return {"saes": saes, "timings": timings}
 
 
-def build(out: str | Path, cfg: ShapesBuildConfig = ShapesBuildConfig(), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build both demos under ``out``; returns {name: manifest}. Each manifest records wall and CPU seconds."""
+def build(out: str | Path, cfg: ShapesBuildConfig = ShapesBuildConfig(), log: Callable[[str], None] = print,
+          llava_from: str | Path | None = None) -> dict[str, Any]:
+    """Build both demos under ``out``; returns {name: manifest}. Each manifest records wall and CPU seconds.
+
+    ``llava_from`` reuses the trained LLaVA of an earlier run (a saved model directory) instead of training one.
+    """
     torch.set_num_threads(cfg.threads)
     manifests = {}
-    for name, fn in ((LLAVA, build_llava), (SDXL, build_sdxl)):
+    steps = ((LLAVA, lambda root, c, lg: build_llava(root, c, lg, llava_from)), (SDXL, build_sdxl))
+    for name, fn in steps:
         root = Path(out) / name
         root.mkdir(parents=True, exist_ok=True)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -267,9 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--llava-from", default=None, help="reuse this trained LLaVA directory (development)")
     args = p.parse_args(argv)
     cfg = ShapesBuildConfig(seed=args.seed)
-    build(args.out, cfg.quick() if args.quick else cfg)
+    build(args.out, cfg.quick() if args.quick else cfg, llava_from=args.llava_from)
     return 0
 
 
