@@ -13,7 +13,8 @@ and ``<out>/demo-sdxl-turbo/`` (``pipeline/``, ``saes/<block>``, ``manifest.json
   wrong or right, and fit the risk probe on the pooled vision and language latents.
 - SDXL-Turbo: train VAE, text encoders and U-Net (:mod:`.shapes_sdxl`); collect the updates of
   three transformer blocks over one-step generations of every caption; train an SAE per block;
-  label latents from the latent cells the shape covers.
+  label latents from the concepts of the caption (every cell: cross-attention writes the
+  prompt everywhere).
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str]
     for i, (name, site) in enumerate(ss.BLOCKS.items()):
         u = updates[name]  # (N, h, w, C)
         sae, rep = _train_sae(u.reshape(-1, u.shape[-1]), site, SDXL, cfg, cfg.seed + 20 + i)
-        cell = sw.SIDE // u.shape[1]
-        tags = [t for s in scenes for t in sw.patch_tags(s, cell)]
+        # Cross-attention writes the prompt into every cell of a block's update, so cells carry
+        # the image's concepts: tag every cell with its caption's concepts.
+        tags = [s.concepts for s in scenes for _ in range(u.shape[1] * u.shape[2])]
         with torch.no_grad():
             lat = sae.encode(u.reshape(-1, u.shape[-1]))
         rep["labels"] = label(sae, lat, tags)

@@ -49,7 +49,7 @@ from sae_runtime.training.logistic import auroc
 
 EVAL_SEED = 7000  # the build uses seed + 0..30
 STEER_MULT = 8.0
-IMAGE_STEER_MULT = 2.0
+IMAGE_STEER_MULT = 15.0
 BATCH = 16
 TARGETS = {
     "vlm_colour_accuracy": (">=", 0.95), "vlm_shape_accuracy": (">=", 0.90), "vlm_steer_share": (">=", 0.80),

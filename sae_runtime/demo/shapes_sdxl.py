@@ -48,9 +48,9 @@ BLOCKS = {
 @dataclass(frozen=True)
 class SdxlTrainConfig:
     seed: int = 0
-    vae_steps: int = 150
+    vae_steps: int = 200
     vae_batch: int = 32
-    unet_steps: int = 800
+    unet_steps: int = 600
     unet_batch: int = 24
     lr: float = 2e-3
     warmup: int = 40
