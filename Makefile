@@ -27,22 +27,28 @@ $(STUBS): protos/steering/v1/*.proto $(STAMP)
 	touch gen/steering/__init__.py gen/steering/v1/__init__.py
 
 DEMO_LM := models/demo-lm/model/config.json
+DEMO_SHAPES := models/demo-llava/model/config.json models/demo-sdxl-turbo/pipeline/model_index.json
 
-serve: $(STAMP) $(STUBS) $(DEMO_LM)
+serve: $(STAMP) $(STUBS) $(DEMO_LM) $(DEMO_SHAPES)
 	$(PY) -m services.app
 
 # The demo models are committed; this rebuilds them from the seed only when they are missing.
 $(DEMO_LM):
-	$(MAKE) demo-models
+	$(PY) -m sae_runtime.demo.build --out models
+
+$(DEMO_SHAPES):
+	$(PY) -m sae_runtime.demo.shapes_build --out models
 
 test: $(STAMP) $(STUBS)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest
 
 demo-models: $(STAMP)
 	$(PY) -m sae_runtime.demo.build --out models
+	$(PY) -m sae_runtime.demo.shapes_build --out models
 
 eval-demo: $(STAMP)
 	$(PY) -m sae_runtime.demo.eval --models models --out reports/demo_eval.json
+	$(PY) -m sae_runtime.demo.shapes_eval --models models --out reports/demo_eval.json
 
 bench: $(STAMP) $(STUBS)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

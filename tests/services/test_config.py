@@ -37,12 +37,13 @@ def test_shipped_default_config_validates_and_resolves_paths_against_its_directo
     config = load_config(DEFAULT_CONFIG)
     assert config.grpc.port == 9000
     assert [m.name for m in config.models] == ["demo-lm", "demo-llava", "demo-sdxl-turbo"]
-    assert [m.demo for m in config.models] == [False, True, True]
+    assert [m.demo for m in config.models] == [False, False, False]  # trained demos, no random ones
     assert sum(m.resources.num_cpus for m in config.models) + config.ingress.num_cpus <= 2  # fits 2 cores
-    spec = config.models[0].to_spec(DEFAULT_CONFIG.parent)
     repo = DEFAULT_CONFIG.parent.parent
-    assert Path(spec.path).is_relative_to(repo / "models")
-    assert all(Path(s.path).is_relative_to(repo / "models") for s in spec.saes)
+    for model in config.models:
+        spec = model.to_spec(DEFAULT_CONFIG.parent)
+        assert Path(spec.path).is_relative_to(repo / "models") and Path(spec.path).is_dir()
+        assert spec.saes and all(Path(s.path).is_relative_to(repo / "models") for s in spec.saes)
 
 
 def test_model_spec_carries_every_setting(tmp_path):

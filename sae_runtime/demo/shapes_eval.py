@@ -1,0 +1,280 @@
+"""Evaluate the shipped shapes demos through the LLaVA and SDXL-Turbo backends; merge keys into a JSON report.
+
+    python -m sae_runtime.demo.shapes_eval --models models --out reports/demo_eval.json
+
+Everything goes through ``LlavaBackend.from_spec`` / ``SdxlTurboBackend.from_spec`` with PNG
+bytes in and out, as the service runs them. Scenes and seeds are disjoint from the build's
+(``EVAL_SEED``); LLaVA images are new jitter / noise draws, SDXL prompts are the world's captions
+with unseen generator seeds.
+
+LLaVA: ``vlm_colour_accuracy`` / ``vlm_shape_accuracy`` / ``vlm_position_accuracy`` (greedy, clean
+images); ``vlm_steer_share``: clamp (``set``) the vision SAE's ``color:X`` latent on every vision
+position to ``STEER_MULT`` x its mean activation where it fires, over images whose colour is not
+X, share of colour answers equal to X, averaged over colours, without the error term
+(``preserve_error=False``: the reconstruction replaces the layer) and with it;
+``vlm_steer_specificity``: under the same clamp the shape answer stays right; ``vlm_risk_auroc``:
+the probe's prompt-time score against "the colour answer is wrong", over noise 0..1, with per
+noise level accuracy, mean answer confidence (probability of the greedy first token) and active
+vision-SAE latents / labelled concepts.
+
+SDXL-Turbo: ``image_colour_accuracy`` (dominant non-background colour of one-step generations
+matches the prompt); ``image_steer_share`` per block (clamp ``color:X`` everywhere, prompts of
+another colour; the best block is the headline); ``image_mask_locality`` (the same edit masked to
+one half of the image: mean absolute pixel change inside over outside); block specialisation
+(which concept families each block's labelled latents hold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sae_runtime.backends.images import encode_png
+from sae_runtime.backends.llava import LlavaBackend
+from sae_runtime.backends.sdxl_turbo import SdxlTurboBackend
+from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
+from sae_runtime.backends.types import ImageRequest, SamplingParams, TextRequest
+from sae_runtime.demo import shapes_world as sw
+from sae_runtime.demo.shapes_build import LLAVA, PROBE_NOISE, SDXL
+from sae_runtime.demo.shapes_sdxl import BLOCKS
+from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
+from sae_runtime.training.logistic import auroc
+
+EVAL_SEED = 7000  # the build uses seed + 0..30
+STEER_MULT = 8.0
+IMAGE_STEER_MULT = 15.0
+BATCH = 16
+TARGETS = {
+    "vlm_colour_accuracy": (">=", 0.95), "vlm_shape_accuracy": (">=", 0.90), "vlm_steer_share": (">=", 0.80),
+    "vlm_steer_specificity": (">=", 0.80), "vlm_risk_auroc": (">=", 0.85), "image_colour_accuracy": (">=", 0.95),
+    "image_steer_share": (">=", 0.80), "image_mask_locality": (">=", 5.0), "shapes_build_seconds": ("<", 360.0),
+}
+
+
+def llava_backend(models: str | Path) -> LlavaBackend:
+    root = Path(models) / LLAVA
+    return LlavaBackend.from_spec(ModelSpec(
+        name=LLAVA, kind="llava", path=str(root / "model"), risk_probe=str(root / "risk"),
+        saes=(SaeSpec("vision", str(root / "saes" / "vision")), SaeSpec("lm", str(root / "saes" / "lm"))),
+        limits=Limits(max_batch_size=BATCH, max_new_tokens=4)))
+
+
+def sdxl_backend(models: str | Path) -> SdxlTurboBackend:
+    root = Path(models) / SDXL
+    return SdxlTurboBackend.from_spec(ModelSpec(
+        name=SDXL, kind="sdxl_turbo", path=str(root / "pipeline"),
+        saes=tuple(SaeSpec(n, str(root / "saes" / n)) for n in BLOCKS), limits=Limits(max_batch_size=BATCH)))
+
+
+def png(scene: sw.Scene) -> bytes:
+    from PIL import Image
+
+    return encode_png(Image.fromarray(sw.render(scene)))
+
+
+def decode(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def answers(backend: LlavaBackend, scenes: Sequence[sw.Scene], kind: str, plan: InterventionPlan = InterventionPlan(),
+            **extra: Any) -> list[Any]:
+    """TextResults of greedy answers to ``kind`` questions about ``scenes``."""
+    reqs = [TextRequest(prompt=sw.QUESTIONS[kind], image=png(s), plan=plan, sampling=SamplingParams(max_new_tokens=3), **extra)
+            for s in scenes]
+    out = []
+    for i in range(0, len(reqs), BATCH):
+        out += backend.generate(reqs[i : i + BATCH])
+    return out
+
+
+def correct(text: str, scene: sw.Scene, kind: str) -> bool:
+    truth = scene.answer(kind).split()
+    return text.split()[: len(truth)] == truth
+
+
+def clamp(sae: str, label: str, value: float, preserve_error: bool = True, mask: torch.Tensor | None = None) -> InterventionPlan:
+    return InterventionPlan(edits=(LatentEdit(sae=sae, op=EditOp.SET, labels=(label,), value=value),),
+                            scope=Scope(mask=mask), preserve_error=preserve_error)
+
+
+def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
+    backend = llava_backend(models)
+    manifest = json.loads((Path(models) / LLAVA / "manifest.json").read_text())
+    labels = manifest["saes"]["vision"]["labels"]
+    out: dict[str, Any] = {}
+    clean = sw.random_scenes(n, EVAL_SEED)
+    for kind in sw.QUESTIONS:
+        res = answers(backend, clean, kind)
+        out[f"vlm_{kind}_accuracy"] = float(np.mean([correct(r.steered.text, s, kind) for r, s in zip(res, clean)]))
+    log(f"  vlm accuracy: " + ", ".join(f"{k} {out[f'vlm_{k}_accuracy']:.3f}" for k in sw.QUESTIONS))
+
+    steer: dict[str, Any] = {}
+    per_colour = max(4, n // 6)
+    pool = sw.random_scenes(per_colour * 6, EVAL_SEED + 1)
+    for preserve in (False, True):
+        shares, specific = {}, {}
+        for colour in sw.COLOURS:
+            lab = f"color:{colour}"
+            if lab not in labels:
+                shares[colour], specific[colour] = 0.0, 0.0
+                continue
+            value = STEER_MULT * labels[lab]["mean_on"]
+            scenes = [s for s in pool if s.colour != colour][:per_colour]
+            plan = clamp("vision", lab, value, preserve)
+            res = answers(backend, scenes, "colour", plan)
+            shares[colour] = float(np.mean([r.steered.text.split()[:1] == [colour] for r in res]))
+            res = answers(backend, scenes, "shape", plan)
+            specific[colour] = float(np.mean([correct(r.steered.text, s, "shape") for r, s in zip(res, scenes)]))
+        key = "with_error" if preserve else "without_error"
+        steer[key] = {"share": float(np.mean(list(shares.values()))), "specificity": float(np.mean(list(specific.values()))),
+                      "per_colour_share": shares, "per_colour_specificity": specific}
+    out["vlm_steer_share"] = steer["without_error"]["share"]
+    out["vlm_steer_specificity"] = steer["without_error"]["specificity"]
+    out["vlm_steer"] = steer | {"steer_mult": STEER_MULT, "images_per_colour": per_colour}
+    log(f"  vlm steer share {steer['without_error']['share']:.3f} (with error term {steer['with_error']['share']:.3f}), "
+        f"specificity {steer['without_error']['specificity']:.3f}")
+
+    per_level = max(8, n // 4)
+    by_noise, scores, wrong = {}, [], []
+    for level in PROBE_NOISE:
+        scenes = sw.random_scenes(per_level, EVAL_SEED + 2 + int(level * 100), noise_levels=(level,))
+        res = answers(backend, scenes, "colour", logprobs=1, readout=ReadoutSpec(saes=("vision",), top_k=256))
+        ok = [correct(r.steered.text, s, "colour") for r, s in zip(res, scenes)]
+        conf = [float(np.exp(r.steered.tokens[0].logprob)) if r.steered.tokens and r.steered.tokens[0].logprob is not None else 0.0 for r in res]
+        active, concepts = [], []
+        for r in res:
+            pooled = next(p for p in r.pooled if p.sae == "vision")
+            on = [a for a in pooled.top_max if a.value > 0]
+            active.append(len(on))
+            concepts.append(len({a.label for a in on if a.label}))
+        scores += [r.risk_prompt.probability for r in res]
+        wrong += [int(not o) for o in ok]
+        by_noise[str(level)] = {"n": len(scenes), "accuracy": float(np.mean(ok)), "mean_confidence": float(np.mean(conf)),
+                                "active_latents": float(np.mean(active)), "active_concepts": float(np.mean(concepts)),
+                                "mean_risk": float(np.mean(scores[-len(res):]))}
+    out["vlm_risk_auroc"] = auroc(torch.tensor(scores), torch.tensor(wrong))
+    out["vlm_by_noise"] = by_noise
+    levels = [by_noise[str(l)]["active_latents"] for l in PROBE_NOISE]
+    out["vlm_concepts_grow_with_noise"] = bool(np.corrcoef(PROBE_NOISE, levels)[0, 1] > 0.5)
+    log(f"  vlm risk AUROC {out['vlm_risk_auroc']:.3f}; accuracy by noise " +
+        " ".join(f"{l}:{by_noise[str(l)]['accuracy']:.2f}" for l in PROBE_NOISE))
+    return out
+
+
+def eval_sdxl(models: str | Path, n_per_colour: int, log=print) -> dict[str, Any]:
+    backend = sdxl_backend(models)
+    manifest = json.loads((Path(models) / SDXL / "manifest.json").read_text())
+    out: dict[str, Any] = {}
+    scenes = sw.all_scenes()
+
+    def generate(reqs: list[ImageRequest]) -> list[Any]:
+        res = []
+        for i in range(0, len(reqs), BATCH // 2):
+            res += backend.generate_images(reqs[i : i + BATCH // 2])
+        return res
+
+    res = generate([ImageRequest(prompt=s.caption, seed=EVAL_SEED + i) for i, s in enumerate(scenes)])
+    out["image_colour_accuracy"] = float(np.mean([sw.dominant_colour(decode(r.png)) == s.colour for r, s in zip(res, scenes)]))
+    log(f"  image colour accuracy {out['image_colour_accuracy']:.3f}")
+
+    rng = np.random.default_rng(EVAL_SEED)
+    per_block: dict[str, Any] = {}
+    for block in BLOCKS:
+        labels = manifest["saes"][block]["labels"]
+        shares = {}
+        for colour in sw.COLOURS:
+            lab = f"color:{colour}"
+            if lab not in labels:
+                shares[colour] = 0.0
+                continue
+            others = [s for s in scenes if s.colour != colour]
+            picked = [others[int(i)] for i in rng.choice(len(others), size=n_per_colour, replace=False)]
+            plan = clamp(block, lab, IMAGE_STEER_MULT * labels[lab]["mean_on"])
+            res = generate([ImageRequest(prompt=s.caption, seed=EVAL_SEED + 500 + i, plan=plan) for i, s in enumerate(picked)])
+            shares[colour] = float(np.mean([sw.dominant_colour(decode(r.png)) == colour for r in res]))
+        families = sorted({c.split(":")[0] for c in labels})
+        per_block[block] = {"share": float(np.mean(list(shares.values()))), "per_colour": shares, "label_families": families,
+                            "labels": sorted(labels)}
+    best = max(per_block, key=lambda b: per_block[b]["share"])
+    out["image_steer_share"] = per_block[best]["share"]
+    out["image_steer_best_block"] = BLOCKS[best]
+    out["image_steer_by_block"] = {BLOCKS[b]: v for b, v in per_block.items()}
+    log("  image steer share by block: " + ", ".join(f"{b} {v['share']:.3f}" for b, v in per_block.items()))
+
+    # mask locality: the best block's edit confined to the half of the image away from the shape
+    ratios = []
+    labels = manifest["saes"][best]["labels"]
+    for i, s in enumerate(scenes[:: max(1, len(scenes) // 24)]):
+        target = next(c for c in sw.COLOURS if c != s.colour and f"color:{c}" in labels)
+        mask = torch.zeros(sw.SIDE, sw.SIDE)
+        left = s.position.endswith("right")  # edit the empty half
+        mask[:, : sw.SIDE // 2] = 1.0 if left else 0.0
+        mask[:, sw.SIDE // 2 :] = 0.0 if left else 1.0
+        plan = clamp(best, f"color:{target}", IMAGE_STEER_MULT * labels[f"color:{target}"]["mean_on"], mask=mask)
+        r = backend.generate_images([ImageRequest(prompt=s.caption, seed=EVAL_SEED + 900 + i, plan=plan, include_default=True)])[0]
+        diff = np.abs(decode(r.png).astype(float) - decode(r.default_png).astype(float)).mean(-1)
+        m = mask.numpy() > 0.5
+        ratios.append(diff[m].mean() / max(diff[~m].mean(), 1e-3))
+    out["image_mask_locality"] = float(np.median(ratios))
+    out["image_mask_locality_mean"] = float(np.mean(ratios))
+    log(f"  image mask locality (median inside/outside) {out['image_mask_locality']:.2f}")
+    return out
+
+
+def evaluate(models: str | Path, n: int = 120, n_per_colour: int = 10, parts: Sequence[str] = ("llava", "sdxl"), log=print) -> dict[str, Any]:
+    """The report's keys for ``parts``; the build and target keys once both parts are in ``previous``."""
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    out: dict[str, Any] = {}
+    if "llava" in parts:
+        out |= eval_llava(models, n, log)
+    if "sdxl" in parts:
+        out |= eval_sdxl(models, n_per_colour, log)
+    out["shapes_eval_seconds"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def summarise(report: dict[str, Any], models: str | Path) -> dict[str, Any]:
+    """Build seconds, artifact sizes, targets and pass/fail, from a report holding both parts."""
+    build = [json.loads((Path(models) / m / "manifest.json").read_text()) for m in (LLAVA, SDXL)]
+    out = {
+        "shapes_build_seconds": round(sum(m["build_seconds"] for m in build), 1),
+        "shapes_build_cpu_seconds": round(sum(m["build_cpu_seconds"] for m in build), 1),
+        "demo_artifact_bytes": sum(p.stat().st_size for p in Path(models).rglob("*") if p.is_file()),
+        "shapes_targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+    }
+    merged = report | out
+    out["shapes_passed"] = {k: (merged[k] >= v if op == ">=" else merged[k] < v) for k, (op, v) in TARGETS.items() if k in merged}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sae_runtime.demo.shapes_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="models")
+    p.add_argument("--out", default="reports/demo_eval.json")
+    p.add_argument("--n", type=int, default=120)
+    p.add_argument("--only", choices=("llava", "sdxl"), help="evaluate one demo (its keys are merged into --out)")
+    args = p.parse_args(argv)
+    report = evaluate(args.models, args.n, parts=(args.only,) if args.only else ("llava", "sdxl"))
+    path = Path(args.out)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(report)
+    if all(k in merged for k in ("vlm_colour_accuracy", "image_colour_accuracy")):
+        merged.update(summarise(merged, args.models))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps({k: merged[k] for k in TARGETS if k in merged}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
