@@ -323,6 +323,7 @@ def model_info_to_proto(info: rt.ModelInfo, versions: pb.Versions | None = None)
         msg.version = versions.model_version
         for sae in msg.saes:
             sae.version = versions.saes.get(sae.name, sae.version)
+    return msg
 
 
 def evaluate_sae_request_from_proto(msg: pb.EvaluateSaeRequest) -> tuple[str, tuple[str, ...], bool]:

@@ -218,11 +218,9 @@ class ModelServer:
         from sae_runtime.evaluate import evaluate_backend_sae
 
         sae, texts, with_loss = convert.evaluate_sae_request_from_proto(request)
-        async with self._lock:
-            started = time.time()
-            result = await in_thread(evaluate_backend_sae, self.backend, sae, texts, with_loss)
-            outcome = _Outcome(result, started, time.time(), 1)
-        timings = self._timings(outcome, received_at)
+        started = time.time()  # runs on the engine's thread between steps, like Encode
+        result = await asyncio.wrap_future(self.loop.call(lambda: evaluate_backend_sae(self.backend, sae, texts, with_loss)))
+        timings = self._timings(rt.Timings(compute_ms=(time.time() - started) * 1e3), received_at)
         self._observe("evaluate_sae", timings)
         return convert.evaluate_sae_result_to_proto(result, timings=timings, versions=self.versions)
 
