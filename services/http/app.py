@@ -44,6 +44,7 @@ UNARY_RPCS = {
     "Encode": (pb.EncodeRequest, pb.EncodeResponse),
     "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse),
     "SearchFeatures": (pb.SearchFeaturesRequest, pb.SearchFeaturesResponse),
+    "EvaluateSae": (pb.EvaluateSaeRequest, pb.EvaluateSaeResponse),
 }
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -24,6 +24,7 @@ class HttpCallContext:
         self._metadata = [("authorization", auth)] if auth is not None else []
         self.code = grpc.StatusCode.OK
         self.details = ""
+        self.trailing_metadata: list[tuple[str, bytes]] = []  # the google.rpc.Status details, as on gRPC
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return list(self._metadata)
@@ -33,6 +34,9 @@ class HttpCallContext:
 
     def set_details(self, details: str) -> None:
         self.details = details
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, bytes]]) -> None:
+        self.trailing_metadata = list(metadata)
 
     def check(self) -> None:
         if self.code != grpc.StatusCode.OK:
