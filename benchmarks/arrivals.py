@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _support.serving import PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
+from _support.serving import steered_requests, demo_lm_setup, machine, serving  # noqa: E402
 
 
 async def _stream(stub, request) -> tuple[float, float]:
@@ -62,22 +62,12 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=2.0, help="arrival rate as a multiple of the one-at-a-time rate")
     args = ap.parse_args()
 
-    from services.client import Generation, SteeringClient, edit
+    from services.client import Generation, SteeringClient
 
     rng = random.Random(0)
     with demo_lm_setup() as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
-            (info,) = [m for m in client.list_models() if m.name == setup.model]
-            sae = info.saes[0]
-            edit_sets = distinct_edit_sets(args.requests, sae.name, sae.width, seed=0)
-            requests = [
-                SteeringClient.text_request(
-                    setup.model, PROMPTS[i % len(PROMPTS)], seed=i,
-                    edits=[edit(s, op, *latents, value=value) for s, op, latents, value in edit_sets[i]],
-                    generation=Generation(max_new_tokens=rng.randint(4, 64), stop=()),
-                )
-                for i in range(args.requests)
-            ]
+            requests = steered_requests(client, setup.model, args.requests, lambda i: Generation(max_new_tokens=rng.randint(4, 64), stop=()))
             client.generate_request(requests[0])  # warm-up
         solo_ttft, solo_s = asyncio.run(run(target, requests, None))
         rate = args.requests / solo_s

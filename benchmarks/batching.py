@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support.serving import DEMO_CONFIG, PROMPTS, demo_lm_setup, distinct_edit_sets, machine, serving  # noqa: E402
+from _support.serving import steered_requests, DEMO_CONFIG, demo_lm_setup, machine, serving  # noqa: E402
 
 
 async def concurrent_aio(target: str, requests: list, concurrency: int) -> list:
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--client", choices=("aio", "threads"), default="aio", help="concurrent client: grpc.aio tasks or threads")
     args = ap.parse_args()
 
-    from services.client import Generation, SteeringClient, edit
+    from services.client import Generation, SteeringClient
 
     overrides = {}
     if args.torch_threads:
@@ -71,17 +71,7 @@ def main() -> None:
         overrides["engine"] = engine
     with demo_lm_setup(**overrides) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
-            (info,) = [m for m in client.list_models() if m.name == setup.model]
-            sae = info.saes[0]
-            edit_sets = distinct_edit_sets(args.requests, sae.name, sae.width, seed=0)
-            requests = [
-                SteeringClient.text_request(
-                    setup.model, PROMPTS[i % len(PROMPTS)], seed=i,
-                    edits=[edit(s, op, *latents, value=value) for s, op, latents, value in edit_sets[i]],
-                    generation=Generation(max_new_tokens=args.new_tokens),
-                )
-                for i in range(args.requests)
-            ]
+            requests = steered_requests(client, setup.model, args.requests, lambda i: Generation(max_new_tokens=args.new_tokens))
 
             def one_at_a_time():
                 return [client.generate_request(r) for r in requests]

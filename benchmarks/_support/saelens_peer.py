@@ -1,4 +1,5 @@
-"""SAELens' side of steering_overhead.py: HookedSAETransformer steered greedy generation.
+"""SAELens' side of steering_overhead.py: HookedSAETransformer steered greedy generation, the PEER
+baseline our engine is compared against (so it calls the model directly, by design).
 
 Run with the python of a scratch venv holding sae-lens (and torch==2.13.0); it imports nothing
 from this project. The HF Llama checkpoint at ``--model`` is converted to a HookedTransformer

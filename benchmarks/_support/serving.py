@@ -156,3 +156,22 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} torch threads here"
+
+
+def steered_requests(client, model: str, n: int, new_tokens) -> list:
+    """``n`` GenerateRequests for ``model``, each with its own edit set (8 latents clamped, some
+    scaled) on the model's first SAE, prompt ``i % len(PROMPTS)`` and seed ``i``;
+    ``new_tokens(i)`` gives request i's Generation."""
+    from services.client import SteeringClient, edit
+
+    (info,) = [m for m in client.list_models() if m.name == model]
+    sae = info.saes[0]
+    edit_sets = distinct_edit_sets(n, sae.name, sae.width, seed=0)
+    return [
+        SteeringClient.text_request(
+            model, PROMPTS[i % len(PROMPTS)], seed=i,
+            edits=[edit(s, op, *latents, value=value) for s, op, latents, value in edit_sets[i]],
+            generation=new_tokens(i),
+        )
+        for i in range(n)
+    ]
