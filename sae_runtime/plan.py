@@ -26,6 +26,53 @@ class EditOp(str, enum.Enum):
     SCALE = "scale"  # f_i *= v
     ADD = "add"  # f_i += v (additive decoder-direction steering)
     CAP = "cap"  # f_i = min(f_i, v)
+    # Projection edits act on the activation x along u = W_dec[i] / ||W_dec[i]|| (or a steering
+    # vector's unit direction), c = <x, u>:
+    PROJECT_SET = "project_set"  # x' = x - c u + v u (orthogonal decomposition, component set to v)
+    PROJECT_CAP = "project_cap"  # x' = x - c u + min(c, v) u (component capped at v)
+
+#: Ops a steering vector takes (``add`` is x' = x + v d, d its direction; see :class:`VectorEdit`).
+VECTOR_OPS = frozenset({EditOp.ADD, EditOp.PROJECT_SET, EditOp.PROJECT_CAP})
+
+
+class Compare(str, enum.Enum):
+    """How a condition leaf compares a latent with its threshold (strictly)."""
+
+    ABOVE = "above"  # f_i > threshold
+    BELOW = "below"  # f_i < threshold
+
+
+#: Deepest condition tree a request may send (a leaf alone has depth 1).
+MAX_CONDITION_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A predicate on one position's *unedited* latents (the SAE's encoding of the activation as it
+    enters that SAE's site in this forward, before any edit at that site).
+
+    A leaf names one latent (``latent`` index or ``label``) of SAE ``sae`` and compares it with
+    ``threshold`` (``compare``). A node combines children: ``all_of`` (AND) or ``any_of`` (OR),
+    exactly one of them non-empty, and then the leaf fields are unset. Depth <= MAX_CONDITION_DEPTH.
+    The leaf's SAE must sit at the edited site or one computed earlier in the same forward.
+    """
+
+    sae: str = ""
+    latent: int | None = None
+    label: str = ""
+    compare: Compare = Compare.ABOVE
+    threshold: float = 0.0
+    all_of: tuple["Condition", ...] = ()
+    any_of: tuple["Condition", ...] = ()
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.all_of and not self.any_of
+
+    def leaves(self) -> tuple["Condition", ...]:
+        if self.is_leaf:
+            return (self,)
+        return tuple(leaf for child in self.all_of + self.any_of for leaf in child.leaves())
 
 
 class TokenScope(str, enum.Enum):
@@ -67,6 +114,32 @@ class LatentEdit:
     value: float = 0.0
     normalize: bool = False
     labels: tuple[str, ...] = ()
+    #: Apply only at positions where this holds (None = every position in scope).
+    condition: Condition | None = None
+    #: Name latents by meaning: the ``top_n`` labelled latents of ``sae`` whose label best matches
+    #: this text (semantic search) are added to ``latents`` at validation.
+    describe: str = ""
+    top_n: int = 1
+
+
+@dataclass(frozen=True)
+class VectorEdit:
+    """One operation with a steering vector: a direction d at a hook site.
+
+    Either ``vector`` names one declared in the model's config, or ``values`` gives d inline with
+    its ``site`` (a hook name, e.g. ``blocks.2.hook_resid_post``; size-limited). ``op``:
+    ``add`` x' = x + value * d (``normalize``: x' = x + value * ||x|| * d / ||d||), or
+    ``project_set`` / ``project_cap`` with u = d / ||d|| (see :class:`EditOp`). Applied at every
+    position in the plan's scope (and where ``condition`` holds), after the site's SAE edits.
+    """
+
+    vector: str = ""
+    values: tuple[float, ...] = ()
+    site: str = ""
+    op: EditOp = EditOp.ADD
+    value: float = 1.0
+    normalize: bool = False
+    condition: Condition | None = None
 
 
 @dataclass(frozen=True)
@@ -101,10 +174,17 @@ class InterventionPlan:
     edits: tuple[LatentEdit, ...] = ()
     scope: Scope = Scope()
     preserve_error: bool = True
+    #: Steering-vector edits, applied per site after that site's SAE edits.
+    vectors: tuple[VectorEdit, ...] = ()
+    #: End the request (finish_reason "condition") at the first generated position where this holds.
+    stop_when: Condition | None = None
+    #: Names of presets from the model's config; their edits and vectors are prepended at validation.
+    presets: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.edits
+        """No edit changes any activation (a plan with only ``stop_when`` is empty: it only reads)."""
+        return not self.edits and not self.vectors and not self.presets
 
     @property
     def sae_names(self) -> frozenset[str]:

@@ -46,6 +46,9 @@ class Limits:
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_side: int = 1024
     max_inference_steps: int = 8
+    max_inline_vector_dims: int = 16384  # floats over a request's inline steering vectors
+    max_variants: int = 8  # TextRequest.variants entries
+    max_vector_prompts: int = 64  # prompts per set in ComputeSteeringVector
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,18 @@ class ModelSpec:
     device: str = "cpu"
     limits: Limits = Limits()
     engine: EngineConfig = EngineConfig()
+    #: Steering vectors declared in the config.
+    vectors: tuple["VectorSpec", ...] = ()
+    #: Named plans (edits, vectors, scope) requests may reference by name; validated at load.
+    presets: tuple[tuple[str, object], ...] = ()  # (name, sae_runtime.plan.InterventionPlan)
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """A named steering vector: a safetensors file holding one 1-D tensor (key ``tensor_key``, or
+    its only tensor), applied at hook site ``hook_name``."""
+
+    name: str
+    path: str
+    hook_name: str
+    tensor_key: str | None = None

@@ -52,6 +52,9 @@ class TextRequest:
     logprobs: int = 0  # top-n log-probs per generated token (0 = none)
     mitigate_risk_top_n: int = 0  # ablate the risk probe's N most risk-positive latents
     mitigation: Any = None  # a sae_runtime.mitigation.MitigationSpec: risk-gated, decided after the prefill
+    #: Further plans run beside ``plan`` in the same batch, each with the request's prompt, sampling
+    #: parameters and seed; the result has one :class:`VariantResult` per entry, in order.
+    variants: tuple[InterventionPlan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,22 @@ class GeneratedToken:
 
 
 @dataclass(frozen=True)
+class ConditionHit:
+    """Where a plan's ``stop_when`` held: the generated position (0-based among generated tokens:
+    the token computed there is the last one kept) and the first leaf latent that was true there."""
+
+    position: int
+    sae: str
+    latent: int
+    value: float
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     tokens: tuple[GeneratedToken, ...]
-    finish_reason: str  # "length" | "stop" | "eos"
+    finish_reason: str  # "length" | "stop" | "eos" | "condition" (the plan's stop_when held)
+    stopped_by: ConditionHit | None = None  # set when finish_reason == "condition"
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,20 @@ class TextResult:
     vision_latents: tuple[tuple[PositionLatents, ...], ...] = ()
     #: What the request's mitigation did: "" (none asked, or not gated), "abstain" or "steer".
     mitigation: str = ""
+    #: The steered row's plan as run: presets expanded, labels and ``describe`` resolved to latents
+    #: (what a description chose), vectors resolved. None when the request had no plan.
+    plan: InterventionPlan | None = None
+    #: One per ``TextRequest.variants`` entry, in order.
+    variants: tuple["VariantResult", ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant's completion, its risk over prompt and generated tokens, and its plan as run."""
+
+    completion: Completion
+    risk_final: RiskScore | None = None
+    plan: InterventionPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +241,31 @@ class SaeInfo:
 
 
 @dataclass(frozen=True)
+class SteeringVectorRequest:
+    """Two prompt sets and a hook site; ``sae`` (optional) names an SAE whose decoder rows the
+    result is compared with, returning the ``top_n`` closest latents by cosine."""
+
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    site: str
+    sae: str = ""
+    top_n: int = 5
+
+
+@dataclass(frozen=True)
+class SteeringVectorResult:
+    """``direction`` (d_site,) float32: mean(positive) - mean(negative), not normalised;
+    ``closest``: (latent, label, cosine) of the SAE's decoder rows, highest cosine first."""
+
+    site: str
+    direction: Any  # torch.Tensor
+    n_positive_tokens: int
+    n_negative_tokens: int
+    sae: str = ""
+    closest: tuple[tuple[int, str | None, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     kind: str  # "causal_lm" | "llava" | "sdxl_turbo"
@@ -219,6 +273,10 @@ class ModelInfo:
     saes: tuple[SaeInfo, ...]
     has_risk_probe: bool
     version: str
+    #: Named plans from the config (``presets:``), usable by name in a request's plan.
+    presets: tuple[str, ...] = ()
+    #: Declared steering vectors: name -> hook site.
+    vectors: tuple[tuple[str, str], ...] = ()
 
 
 class Backend(abc.ABC):
@@ -247,6 +305,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, request: EncodeRequest) -> EncodeResult: ...
+
+    def compute_steering_vector(self, request: "SteeringVectorRequest") -> "SteeringVectorResult":
+        """DiffMean (CAA): mean activation at ``request.site`` over the positive prompts' positions
+        minus that over the negative prompts' positions (every prompt position, padding excluded)."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute steering vectors")
 
     def feature_labels(self, sae: str) -> Mapping[str, int]:
         """Concept labels of one SAE, label -> latent index (empty when it has none).
