@@ -140,6 +140,8 @@ class VectorEdit:
     value: float = 1.0
     normalize: bool = False
     condition: Condition | None = None
+    #: Set by validation: the direction (d_site,) on the model's device, and ``site`` canonical.
+    direction: Tensor | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
