@@ -29,7 +29,8 @@ from torch import nn
 from sae_runtime.backends.completion import RowText
 from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
 from sae_runtime.backends.sampling import SlotSampler, new_generator, top_logprobs
-from sae_runtime.backends.types import Completion, GeneratedToken, StreamEvent, TextResult, Timings
+from sae_runtime.backends.types import (Completion, ConditionHit, GeneratedToken, StreamEvent, TextResult, Timings,
+                                        VariantResult)
 from sae_runtime.engine.kv import SlotKvCache
 from sae_runtime.engine.loop import StepLoop
 from sae_runtime.engine.plans import PlanTable
@@ -38,6 +39,7 @@ from sae_runtime.engine.scheduler import EngineConfig, Scheduler
 from sae_runtime.engine.step import ModalityPlugin, StepRunner
 from sae_runtime.errors import Cancelled, DeadlineExceeded
 from sae_runtime.mitigation import Action, MitigationResources, decide, mitigated_plan
+from sae_runtime.plan import InterventionPlan
 from sae_runtime.steering import AttachedSae
 
 
@@ -94,11 +96,17 @@ class TextEngine(StepLoop):
         self.config.check_fits(prepared.n_sequences, prepared.reserved_tokens, "sampling.max_new_tokens")
         req = prepared.request
         reads = self._reads(req)
+        rows: list[tuple[bool, InterventionPlan | None, int]] = [(False, prepared.plan, -1)]
+        if req.include_default:
+            rows.append((True, None, -1))
+        rows += [(False, plan, v) for v, plan in enumerate(prepared.variant_plans)]
         sequences = []
-        for default in (False, True)[: prepared.n_sequences]:
+        for default, plan, variant in rows:
             text = RowText(self.tokenizer, req.sampling.stop, req.sampling.max_new_tokens, self.eos_ids)
-            sequences.append(SequenceRun(default, None if default else prepared.plan, new_generator(prepared.seed)[0],
-                                         text, bool(reads), logprobs=req.logprobs))
+            # A stop_when row feeds its last token too: the condition is read at every generated position.
+            feeds_last = bool(reads) or (plan is not None and plan.stop_when is not None)
+            sequences.append(SequenceRun(default, plan, new_generator(prepared.seed)[0], text, feeds_last,
+                                         logprobs=req.logprobs, variant=variant))
         run = RequestRun(next(self._ids), prepared, sequences, on_event, deadline, stream=stream, reads=reads)
         self._enqueue(run)
         return run
@@ -210,6 +218,7 @@ class TextEngine(StepLoop):
                 logits = self.runner.decode(tokens)
                 for r in rows:
                     r.n_fed = len(r.text.records)
+                self._stop_on_conditions(rows)
                 sampling = [j for j, r in enumerate(rows) if not r.text.done]
                 if sampling:
                     keep = torch.tensor(sampling, device=logits.device)
@@ -245,6 +254,19 @@ class TextEngine(StepLoop):
                 self.sampler.assign(seq.slot, req.sampling, seq.generator, run.prepared.prompt_ids)
                 self._restarts.append((seq, run))
                 run.mitigation = "steer"
+
+    def _stop_on_conditions(self, rows: list[SequenceRun]) -> None:
+        """End the rows whose plan's ``stop_when`` held on the token this decode forward read: that
+        token is the last kept, finish_reason "condition" (whatever else ended the row there)."""
+        hits = self.plans.stop_hits()
+        if not hits:
+            return
+        for r in rows:
+            hit = hits.get(r.slot)
+            if hit is not None and r.stopped_by is None:
+                _, sae, latent, value = hit
+                r.stopped_by = ConditionHit(position=len(r.text.records) - 1, sae=sae, latent=latent, value=value)
+                r.text.finish_reason = "condition"
 
     def _live_slots(self) -> list[int]:
         return [s.slot for run in self._running for s in run.sequences if not s.finished]
@@ -332,10 +354,22 @@ class TextEngine(StepLoop):
         completions = []
         for seq, readout in zip(run.sequences, readouts):
             tokens = self._completion_tokens(run, seq, readout, text_names, top_k)
-            completions.append(Completion(text=seq.text.text, tokens=tokens, finish_reason=seq.text.finish_reason or "length"))
+            completions.append(Completion(text=seq.text.text, tokens=tokens, finish_reason=seq.text.finish_reason or "length",
+                                          stopped_by=seq.stopped_by))
+        default = next((c for s, c in zip(run.sequences, completions) if s.default), None)
+        variants = []
+        for seq, readout, completion in zip(run.sequences, readouts, completions):
+            if seq.variant < 0:
+                continue
+            risk = None
+            if self.risk_probe is not None:
+                risk = self.risk_probe.score_many([risk_pools(readout, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
+            variants.append(VariantResult(completion=completion, risk_final=risk, plan=seq.plan))
         return TextResult(
             steered=completions[0],
-            default=completions[1] if len(completions) > 1 else None,
+            default=default,
+            plan=run.steered.plan,
+            variants=tuple(variants),
             prompt_latents=tuple(position_latents(steered, "prefill", text_names, top_k, self.labels)) if text_names else (),
             pooled=pooled_latents(steered, names, top_k, self.labels) if names else (),
             risk_prompt=risk_prompt,

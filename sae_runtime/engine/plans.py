@@ -36,7 +36,7 @@ class PlanTable:
     def assign(self, slot: int, plan: InterventionPlan | None, reads: Mapping[str, int]) -> None:
         """Admit a sequence into ``slot``: its validated plan (None = no edits) and what it reads
         (sae -> top-k per position, 0 = pooled statistics only)."""
-        if plan is not None and plan.is_empty:
+        if plan is not None and plan.is_empty and plan.stop_when is None:
             plan = None
         self._staged[slot] = plan
         self.readouts.assign(slot, reads)
@@ -46,6 +46,11 @@ class PlanTable:
         self._staged[slot] = None
         self.readouts.release(slot)
         self._reads_dirty = True
+
+    def stop_hits(self) -> dict[int, tuple[int, str, int, float]]:
+        """Slots whose plan's ``stop_when`` held in the last decode forward: slot -> (position in
+        that forward, leaf SAE, leaf latent, its value)."""
+        return self.context.stop_hits()
 
     def _compile_staged(self) -> None:
         """Write the staged plans into their slots and compile the edit tables once."""

@@ -5,9 +5,9 @@ engine needs, computed once at the edge of sae_runtime (token ids, the plan with
 and mitigation edits appended, the seed, and for LLaVA the image's pixel values). Nothing
 downstream tokenises, resolves or decodes again.
 
-In the engine a request runs as one or more :class:`SequenceRun` (the steered row and, with
-``include_default``, its unsteered twin: same prompt, sampling parameters and seed), each holding
-a slot while it runs. Lifecycle of a request (:class:`RequestStatus`):
+In the engine a request runs as one or more :class:`SequenceRun` (the steered row; with
+``include_default``, its unsteered twin; then one row per variant plan: same prompt, sampling
+parameters and seed), each holding a slot while it runs. Lifecycle of a request (:class:`RequestStatus`):
 ``waiting -> prefilling -> decoding -> finished | cancelled | failed``.
 """
 
@@ -37,10 +37,12 @@ class PreparedText:
     plan: InterventionPlan
     seed: int
     pixel_values: Tensor | None = None  # LLaVA: (1, 3, H, W), in the model's dtype
+    #: The request's variant plans, resolved (``request.variants`` keeps them too).
+    variant_plans: tuple[InterventionPlan, ...] = ()
 
     @property
     def n_sequences(self) -> int:
-        return 2 if self.request.include_default else 1
+        return 1 + int(self.request.include_default) + len(self.variant_plans)
 
     @property
     def reserved_tokens(self) -> int:
@@ -74,6 +76,8 @@ class SequenceRun:
     n_fed: int = 0  # kept tokens that have been input to a forward
     logprobs: int = 0  # top-n log-probs per generated token
     features: Any = None  # LLaVA: the image features computed at admission, for the prefill
+    variant: int = -1  # index into the request's variants, or -1 (the steered row or its twin)
+    stopped_by: Any = None  # the ConditionHit that ended it (its plan's stop_when), if any
 
     @property
     def finished(self) -> bool:
