@@ -86,17 +86,21 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str]) -> Tensor:
         """(len(texts), 384) float32 on CPU, each row of unit L2 norm (cosine = dot product).
-        Rows are computed in batches of ``batch_size``; padding does not change a row."""
+        Rows are computed in batches of ``batch_size`` (texts grouped by length); padding does not
+        change a row."""
+        if not texts:
+            return torch.zeros(0, EMBEDDING_DIM)
+        order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths share a batch: less padding
         out = []
         with self._lock, torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=MAX_TOKENS, return_tensors="pt")
+            for start in range(0, len(order), self.batch_size):
+                chunk = [texts[k] for k in order[start:start + self.batch_size]]
+                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state  # (B, T, 384)
                 out.append(mean_pool(hidden, batch["attention_mask"]))
-        if not out:
-            return torch.zeros(0, EMBEDDING_DIM)
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        rows = torch.empty(len(texts), EMBEDDING_DIM)
+        rows[torch.tensor(order)] = torch.cat(out)
+        return torch.nn.functional.normalize(rows, dim=-1)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
