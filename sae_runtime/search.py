@@ -167,7 +167,8 @@ def build_label_indexes(saes: Mapping[str, Any], encoder: "str | SentenceEncoder
     return indexes
 
 
-def rank(index: SemanticIndex, query: str, limit: int, query_embedding: Tensor | None = None) -> list[tuple[int, str, float]]:
+def rank(index: SemanticIndex, query: str, limit: int,
+         query_embedding: Tensor | None = None) -> list[tuple[int, str, float]]:
     """The ``limit`` best labels of ``index`` for ``query``: (latent, label, score), best first.
 
     Semantic index: score = cosine of the query's and the label's embeddings (ties: lower latent
@@ -180,9 +181,9 @@ def rank(index: SemanticIndex, query: str, limit: int, query_embedding: Tensor |
     if not index.labels:
         return []
     q = index.encoder.encode([query])[0] if query_embedding is None else query_embedding
-    scores = index.embeddings @ q
-    order = sorted(range(len(index.labels)), key=lambda k: (-float(scores[k]), index.latents[k]))
-    return [(index.latents[k], index.labels[k], float(scores[k])) for k in order[:limit]]
+    scores = (index.embeddings @ q).tolist()
+    order = sorted(range(len(scores)), key=lambda k: (-scores[k], index.latents[k]))
+    return [(index.latents[k], index.labels[k], scores[k]) for k in order[:limit]]
 
 
 def describe_latents(indexes: Mapping[str, SemanticIndex], saes: Mapping[str, Any], sae: str, text: str,
@@ -195,7 +196,8 @@ def describe_latents(indexes: Mapping[str, SemanticIndex], saes: Mapping[str, An
     InvalidArgument naming ``{field_prefix}describe`` / ``{field_prefix}top_n`` for an empty text or
     ``top_n`` outside [1, 1000]. An unknown SAE is NotFound naming ``{field_prefix}sae``."""
     if sae not in saes:
-        raise NotFound(f"unknown SAE {sae!r} (available: {', '.join(sorted(saes)) or 'none'})", field=f"{field_prefix}sae")
+        known = ", ".join(sorted(saes)) or "none"
+        raise NotFound(f"unknown SAE {sae!r} (available: {known})", field=f"{field_prefix}sae")
     if not text.strip():
         raise InvalidArgument("must be a non-empty description", field=f"{field_prefix}describe")
     if not 1 <= top_n <= MAX_TOP_N:
@@ -204,18 +206,18 @@ def describe_latents(indexes: Mapping[str, SemanticIndex], saes: Mapping[str, An
     if index is None:
         index = build_label_indexes({sae: saes[sae]}, encoder="none")[sae]
     if not index.labels:
-        raise NotFound(f"SAE {sae!r} has no labelled latent to match a description against", field=f"{field_prefix}describe")
-    chosen: list[int] = []
+        raise NotFound(f"SAE {sae!r} has no labelled latent to match a description against",
+                       field=f"{field_prefix}describe")
+    chosen: dict[int, None] = {}  # insertion-ordered set
     for latent, _, _ in rank(index, text, len(index.labels)):
-        if latent not in chosen:
-            chosen.append(latent)
+        chosen.setdefault(latent)
         if len(chosen) == top_n:
             break
     if not chosen:
         raise NotFound(f"no label of SAE {sae!r} contains {text!r} (semantic search is not installed)",
                        field=f"{field_prefix}describe")
-    return chosen
+    return list(chosen)
 
 
-__all__ = ["EMBEDDING_DIM", "SemanticIndex", "SentenceEncoder", "MAX_TOP_N", "available", "build_label_indexes", "bundled_model_dir", "describe_latents",
-           "label_text", "mean_pool", "rank"]
+__all__ = ["EMBEDDING_DIM", "MAX_TOP_N", "SemanticIndex", "SentenceEncoder", "available", "build_label_indexes",
+           "bundled_model_dir", "describe_latents", "label_text", "mean_pool", "rank"]

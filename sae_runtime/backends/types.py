@@ -332,7 +332,8 @@ class Backend(abc.ABC):
         ``sae`` (see :func:`sae_runtime.search.describe_latents`)."""
         from sae_runtime.search import describe_latents
 
-        return describe_latents(self.label_indexes, getattr(self, "saes", {}), sae, text, top_n, field_prefix=field_prefix)
+        saes = getattr(self, "saes", {})
+        return describe_latents(self.label_indexes, saes, sae, text, top_n, field_prefix=field_prefix)
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,8 @@ def search_features(backend: Backend, query: str, sae: str = "", index: int | No
         for label, i in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
             if needle in label.lower():
                 found.append(FeatureMatch(name, int(i), label))
-    if index is not None or semantic is False or (semantic is None and (found or not query)) or not any(labelled.values()):
+    substring_answer = semantic is None and (found or not query)
+    if index is not None or semantic is False or substring_answer or not any(labelled.values()):
         return found[:limit]
     indexes = getattr(backend, "label_indexes", {})
     if not all(n in indexes and indexes[n].semantic for n, labels in labelled.items() if labels):

@@ -137,7 +137,8 @@ def test_substring_fallback_when_the_encoder_is_off(saes):
     plain = search.build_label_indexes(saes, encoder="none")
     assert not plain["concepts"].semantic and plain["concepts"].embeddings is None
     colors = search.rank(plain["concepts"], "COLOR", limit=100)
-    assert [(i, l) for i, l, _ in colors] == sorted((i, l) for l, i in saes["concepts"].labels.items() if l.startswith("color:"))
+    expected = sorted((i, l) for l, i in saes["concepts"].labels.items() if l.startswith("color:"))
+    assert [(i, l) for i, l, _ in colors] == expected
     assert {s for *_, s in colors} == {1.0}
     assert search.rank(plain["concepts"], "kitten", limit=5) == []
     assert search.describe_latents(plain, saes, "concepts", "animal:cat", 3) == [saes["concepts"].labels["animal:cat"]]
@@ -155,7 +156,8 @@ def test_search_features_modes(indexes, saes):
     cat = {"concepts": saes["concepts"].labels["animal:cat"], "gsae": saes["gsae"].labels["animal:cat"]}
     # a label contains the query: the substring answer, by SAE then index, whatever the model has
     for backend in (semantic, plain):
-        assert [(f.sae, f.index, f.score) for f in search_features(backend, "CAT")] == [(s, i, 1.0) for s, i in cat.items()]
+        found = search_features(backend, "CAT")
+        assert [(f.sae, f.index, f.score) for f in found] == [(s, i, 1.0) for s, i in cat.items()]
         assert len(search_features(backend, "", limit=100)) == 62
     # none does: by meaning when the labels are embedded, best first across SAEs (ties: SAE order)
     top = search_features(semantic, "kitten", limit=2)
@@ -170,7 +172,8 @@ def test_search_features_modes(indexes, saes):
         search_features(plain, "kitten", semantic=True)
     assert err.value.field == "semantic"
     # index lookups keep their meaning
-    assert [(f.index, f.label) for f in search_features(semantic, "", sae="gsae", index=cat["gsae"])] == [(cat["gsae"], "animal:cat")]
+    looked_up = search_features(semantic, "", sae="gsae", index=cat["gsae"])
+    assert [(f.index, f.label) for f in looked_up] == [(cat["gsae"], "animal:cat")]
 
 
 def test_describe_picks_distinct_best_latents(indexes, saes):
@@ -179,7 +182,7 @@ def test_describe_picks_distinct_best_latents(indexes, saes):
     assert backend.describe("concepts", "the colour red", 1) == [red]
     two = backend.describe("concepts", "the colour red", 2)
     assert two[0] == red and two[1] == search.rank(indexes["concepts"], "the colour red", 2)[1][0]
-    assert backend.describe("concepts", "the colour red", 2) == search.describe_latents(indexes, saes, "concepts", "the colour red", 2)
+    assert two == search.describe_latents(indexes, saes, "concepts", "the colour red", 2)
     # spade shares latents between labels (mood:calm and mood:sleepy): no latent named twice
     spade = saes["spade"].labels
     every = backend.describe("spade", "an animal", 1000)
