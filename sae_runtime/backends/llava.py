@@ -101,6 +101,7 @@ class LlavaBackend(CausalLmBackend):
 
         from sae_runtime.errors import FormatError
         from sae_runtime.backends.loading import load_spec_saes
+        from sae_runtime.search import build_label_indexes
 
         try:
             model = LlavaForConditionalGeneration.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
@@ -116,6 +117,7 @@ class LlavaBackend(CausalLmBackend):
         backend = cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
                       description=spec.description, limits=spec.limits, engine=spec.engine)
         backend.load_timings = load_timings
+        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     # -- validation --------------------------------------------------------------------------

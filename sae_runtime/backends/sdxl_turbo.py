@@ -132,6 +132,7 @@ class SdxlTurboBackend(Backend):
 
         from sae_runtime.errors import FormatError
         from sae_runtime.backends.loading import load_spec_saes
+        from sae_runtime.search import build_label_indexes
 
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
@@ -141,6 +142,7 @@ class SdxlTurboBackend(Backend):
         saes, load_timings = load_spec_saes(spec)
         backend = cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits)
         backend.load_timings = load_timings
+        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     def close(self) -> None:
