@@ -301,3 +301,47 @@ def test_stop_hits_on_greedy_decode_steps_match_the_hand_condition(llama, saes):
         assert got == want
         for s in got:
             assert hits[s][r][:3] == (0, "e0", lat)
+
+
+# -- through the engine --------------------------------------------------------------------------
+
+
+def test_engine_rows_mixing_conditional_projection_vector_and_plain_edits_equal_their_solo_runs(tmp_path):
+    from sae_runtime.backends.causal_lm import CausalLmBackend
+    from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
+    from sae_runtime.backends.types import SamplingParams, TextRequest
+    from sae_runtime.formats import save_native
+
+    model_dir = build_tiny_causal_lm(tmp_path / "lm", "llama", seed=0, init_std=0.2)
+    torch.manual_seed(1)
+    sae = build_sae(SaeConfig("jumprelu", D, 64, hook_name="blocks.0.hook_resid_post"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0.0, 0.3)
+        sae.threshold.fill_(0.2)
+    save_native(sae, tmp_path / "sae")
+    spec = ModelSpec(name="lm", kind="causal_lm", path=str(model_dir), saes=(SaeSpec("s", str(tmp_path / "sae")),),
+                     limits=Limits(max_prompt_tokens=32, max_new_tokens=16))
+    backend = CausalLmBackend.from_spec(spec)
+    vec = tuple(float(v) for v in torch.randn(D, generator=torch.Generator().manual_seed(3)))
+    plans = [
+        InterventionPlan((LatentEdit("s", EditOp.SET, (3, 7), 4.0, condition=Condition("s", 5, threshold=0.3)),)),
+        InterventionPlan((LatentEdit("s", EditOp.PROJECT_SET, (2,), 3.0),)),
+        InterventionPlan(vectors=(VectorEdit(values=vec, site="blocks.1.hook_resid_post", value=4.0),
+                                  VectorEdit(values=vec, site="blocks.0.hook_resid_post", op=EditOp.PROJECT_CAP, value=0.0,
+                                             condition=Condition(any_of=(Condition("s", 1, threshold=0.2), Condition("s", 4, threshold=0.2)))))),
+        InterventionPlan((LatentEdit("s", EditOp.ABLATE, (0, 4)),)),
+        InterventionPlan(),
+    ]
+    prompts = ("the cat is red and the dog", "a bird", "where is the big house", "one two three four five six", "red")
+    requests = [TextRequest(prompt=pr, plan=pl, include_default=True, sampling=SamplingParams(max_new_tokens=6 + i))
+                for i, (pr, pl) in enumerate(zip(prompts, plans))]
+    solo = [backend.generate([r])[0] for r in requests]
+    runs = [backend.engine.submit(backend.validate(r)) for r in requests]
+    backend.engine.wait(runs)
+    for run, want in zip(runs, solo):
+        got = run.result
+        assert [t.id for t in got.steered.tokens] == [t.id for t in want.steered.tokens]
+        assert [t.id for t in got.default.tokens] == [t.id for t in want.default.tokens]
+    changed = [[t.id for t in s.steered.tokens] != [t.id for t in s.default.tokens] for s in solo]
+    assert changed == [True, True, True, True, False]  # every edit moves its tokens; the empty plan none
