@@ -345,3 +345,51 @@ def test_engine_rows_mixing_conditional_projection_vector_and_plain_edits_equal_
         assert [t.id for t in got.default.tokens] == [t.id for t in want.default.tokens]
     changed = [[t.id for t in s.steered.tokens] != [t.id for t in s.default.tokens] for s in solo]
     assert changed == [True, True, True, True, False]  # every edit moves its tokens; the empty plan none
+
+
+def test_unet_same_site_conditional_add_on_both_cfg_halves(tmp_path):
+    """U-Net blocks take conditions on the same block: the add lands exactly on the spatial
+    positions (of each CFG half) where the block update's latent is above the threshold."""
+    from diffusers import UNet2DConditionModel
+
+    from sae_runtime.demo.tiny_models import build_tiny_unet
+
+    unet = UNet2DConditionModel.from_pretrained(build_tiny_unet(tmp_path / "unet", seed=3)).eval()
+    site = HookSite.parse("unet.down_blocks.1.attentions.0")
+    att = {"d1": AttachedSae("d1", make_sae("jumprelu", 64, 128, 31), site)}
+    sae = att["d1"].sae
+    block = unet.down_blocks[1].attentions[0]
+    sample = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # [uncond x2, cond x2]
+    text = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1))
+    log: dict = {}
+
+    @contextmanager
+    def probed():
+        hooks = [block.register_forward_pre_hook(lambda m, a, k: log.__setitem__("in", (a[0] if a else k["hidden_states"]).clone()),
+                                                 with_kwargs=True),
+                 block.register_forward_hook(lambda m, a, o: log.__setitem__("before", o[0].clone()), prepend=True),
+                 block.register_forward_hook(lambda m, a, o: log.__setitem__("after", o[0].clone()))]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    with torch.no_grad():
+        with probed():
+            unet(sample, 10, encoder_hidden_states=text)
+        update = (log["before"] - log["in"]).permute(0, 2, 3, 1).reshape(4, -1, 64)
+        f = by_hand(sae, update)
+        lat, thr = busy_latent(f)
+        cond = f[..., lat] > thr
+        assert cond.any() and not cond.all()
+        p = resolve(InterventionPlan((LatentEdit("d1", EditOp.ADD, (3, 8), 2.0, condition=Condition("d1", lat, threshold=thr)),)), att)
+        with SteeringContext(unet, att, [p, None]) as ctx:
+            ctx.set_unet_step(0, 1, cfg_doubled=True)
+            with probed():
+                unet(sample, 10, encoder_hidden_states=text)
+    delta = (log["after"] - log["before"]).permute(0, 2, 3, 1).reshape(4, -1, 64)
+    want = cond.unsqueeze(-1) * (2.0 * (sae.W_dec[3] + sae.W_dec[8]))
+    for j in (0, 2):  # plan row 0 in the uncond and the cond half
+        torch.testing.assert_close(delta[j], want[j].detach(), atol=1e-5, rtol=0)
+    assert (delta[1] == 0).all() and (delta[3] == 0).all()  # plan row 1 (None) untouched in both halves
