@@ -133,6 +133,32 @@ class HookSite:
         """True for causal-LM sites (token positions, prompt/generated scopes, valid masks apply)."""
         return self.kind in _TEXT_KINDS
 
+    @property
+    def order(self) -> tuple[int, int, int] | None:
+        """When this site is computed in a forward, as a sort key (None for U-Net blocks: no order).
+
+        Vision-tower layers (0, L, 0) come before every language-model site; in decoder layer L,
+        ``hook_resid_pre`` (1, L, 0) precedes the MLP sites ``hook_mlp_out`` / ``hook_mlp_io``
+        (1, L, 1: the same hook time, neither precedes the other), which precede
+        ``hook_resid_post`` (1, L, 2).
+        """
+        if self.kind is SiteKind.UNET_BLOCK:
+            return None
+        if self.kind is SiteKind.VISION_LAYER:
+            return (0, self.layer, 0)
+        rank = {SiteKind.RESID_PRE: 0, SiteKind.MLP_OUT: 1, SiteKind.MLP_IO: 1, SiteKind.RESID_POST: 2}[self.kind]
+        return (1, self.layer, rank)
+
+    def readable_from(self, earlier: "HookSite") -> bool:
+        """True when a latent computed at site ``earlier`` is known, position by position, when this
+        site runs in the same forward: the same site, or a strictly earlier one of the same position
+        space (vision tokens or text tokens; U-Net blocks only the same block)."""
+        if earlier == self:
+            return True
+        if self.order is None or earlier.order is None or self.order[0] != earlier.order[0]:
+            return False
+        return earlier.order < self.order
+
     # -- resolution --------------------------------------------------------------------------
     def resolve(self, model: nn.Module) -> nn.Module:
         """The module whose input or output this site reads. NotFound naming the site otherwise."""

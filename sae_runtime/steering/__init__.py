@@ -8,6 +8,32 @@ plan are left bit-identical (they are never written). Every row may have a diffe
 per SAE the union of edited latents is encoded once for the batch and per-row op tensors are
 compiled once per context (see :mod:`.compile`), so the hot path has no Python loop over rows.
 
+Order of operations at one hook site, per row b and position n (x = the activation there):
+
+1. Condition latents: every condition leaf whose SAE sits at this site is encoded on x as it
+   *enters* the site (before any edit here), for all rows; the values are kept for the rest of
+   this forward, so edits at later sites of the same forward read them too
+   (:meth:`HookSite.readable_from`: the same site, or an earlier one of the same position space:
+   an earlier layer, or in one decoder layer resid_pre < mlp_out / mlp_io < resid_post; vision
+   layers only from vision layers, U-Net blocks only from the same block). A tree is AND / OR
+   over strict comparisons (:class:`~sae_runtime.plan.Condition`), a bool per (row, position).
+2. Each SAE at the site, in the mapping's order: its latent edits (set / ablate / scale / add /
+   cap), each masked by its condition where it has one: ``f' = where(cond, op(f), f)`` (latents
+   encoded on x as it reaches this SAE, i.e. after earlier SAEs at the site); then its projection
+   edits, one per latent in plan order, on x along u = W_dec[i] / ||W_dec[i]||, c = <x, u>:
+   ``project_set v``: x' = x + (v - c) u, ``project_cap v``: x' = x + (min(c, v) - c) u.
+3. The site's steering vectors, in plan order (d the vector): ``add v``: x' = x + v d, with
+   ``normalize``: x' = x + v ||x|| d / ||d||; ``project_set`` / ``project_cap`` with u = d / ||d||.
+
+Every edit is also weighted by the scope (token scope prompt / generated, valid mask, vision CLS,
+U-Net mask, step window and CFG half) exactly as before. Projection and vector edits act on x
+directly whatever ``preserve_error`` says (without the error term they act on the reconstruction
+D(f') that replaced x); a condition gates the latent ops only, so without the error term a
+position where it fails still becomes D(f). ``stop_when`` (text sites only) is evaluated on
+``decode`` forwards at every valid position: :meth:`SteeringContext.stop_hits` gives, per plan
+row, the first position where it holds and the first true leaf there; a plan with only
+``stop_when`` reads but never writes its row.
+
 Usage (causal LM, greedy, KV cache; ``ids``/``mask`` left-padded (B, T))::
 
     saes = {"res5": AttachedSae("res5", sae, HookSite.parse("blocks.5.hook_resid_post"))}
@@ -32,7 +58,8 @@ cfg_doubled)``; a CFG-doubled batch is [uncond rows, cond rows] (diffusers' orde
 ``ctx.prefill(mask)`` covers the vision tower and the language model's prompt in one forward.
 """
 
-from sae_runtime.steering.compile import CompiledEdits, compile_edits
+from sae_runtime.steering.compile import PROJECTION_OPS, CompiledEdits, compile_edits
+from sae_runtime.steering.directions import DirectionTable, compile_projections, compile_vectors
 from sae_runtime.steering.context import PHASES, AttachedSae, SteeringContext, check_widths
 from sae_runtime.steering.readout import LatentPool, PhaseReadout, SaeReadout, TopLatents
 
@@ -40,6 +67,8 @@ __all__ = [
     "PHASES",
     "AttachedSae",
     "CompiledEdits",
+    "DirectionTable",
+    "PROJECTION_OPS",
     "PhaseReadout",
     "LatentPool",
     "SaeReadout",
@@ -47,4 +76,6 @@ __all__ = [
     "TopLatents",
     "check_widths",
     "compile_edits",
+    "compile_projections",
+    "compile_vectors",
 ]

@@ -19,6 +19,12 @@ cap v         1      0      0                    v
 A row that edits the same latent several times gets one *layer* per edit, applied in plan order,
 so the tensors are (K, B, U): K layers, B rows, U = the union of latents any row edits on that SAE.
 These formulas give exact results (``f * 0 + v == v``, ``f * 1 + 0 == f`` for finite f).
+
+A conditional edit (``LatentEdit.condition``) is the same layer masked per position:
+``f_k = where(cond, op_k(f_{k-1}), f_{k-1})``; ``cond`` (K, B, U) holds, per layer entry, the
+1-based index of its condition in ``conditions`` (0 = unconditional). Projection ops
+(``project_set`` / ``project_cap``) act on the activation, not on latents: they are compiled by
+:mod:`.directions`, not here.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_runtime.plan import EditOp, InterventionPlan
+from sae_runtime.plan import Condition, EditOp, InterventionPlan
 from sae_runtime.saes.base import Sae
+
+
+#: Ops that act on the activation along a latent's decoder direction (compiled by .directions).
+PROJECTION_OPS = frozenset({EditOp.PROJECT_SET, EditOp.PROJECT_CAP})
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,10 @@ class CompiledEdits:
     cap: Tensor
     edits_row: tuple[bool, ...]
     preserve: tuple[bool, ...]
+    #: (K, B, U) long: 1-based index into ``conditions`` of each layer entry's condition, 0 = none;
+    #: None when no edit of this SAE has a condition.
+    cond: Tensor | None = None
+    conditions: tuple[Condition, ...] = ()
 
     @property
     def layers(self) -> int:
@@ -62,15 +76,17 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
     Plans must be validated (``InterventionPlan.resolve``): ops are EditOp, latents are ints.
     """
     n_rows = len(plans)
-    # sae -> row -> list of (latent, op, value, normalize) in plan order
-    per_sae: dict[str, list[list[tuple[int, EditOp, float, bool]]]] = {}
+    # sae -> row -> list of (latent, op, value, normalize, condition) in plan order
+    per_sae: dict[str, list[list[tuple[int, EditOp, float, bool, Condition | None]]]] = {}
     for row, plan in enumerate(plans):
         if plan is None:
             continue
         for edit in plan.edits:
+            if EditOp(edit.op) in PROJECTION_OPS:
+                continue
             rows = per_sae.setdefault(edit.sae, [[] for _ in range(n_rows)])
             for latent in edit.latents:
-                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize)))
+                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize), edit.condition))
 
     compiled: dict[str, CompiledEdits] = {}
     for name, rows in per_sae.items():
@@ -86,12 +102,17 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
         add_norm, cap = torch.zeros(shape, dtype=torch.float64), torch.full(shape, math.inf, dtype=torch.float64)
         idx = torch.tensor(union, dtype=torch.long)
         row_norms = saes[name].decoder_rows(idx.to(saes[name].W_dec.device)).detach().double().norm(dim=-1).cpu()
+        conditions = list(dict.fromkeys(c for row in rows for *_, c in row if c is not None))
+        cond_id = {c: n + 1 for n, c in enumerate(conditions)}
+        cond = torch.zeros(shape, dtype=torch.long) if conditions else None
         for r, row in enumerate(rows):
             layer = [0] * len(union)
-            for lat, op, value, normalize in row:
+            for lat, op, value, normalize, condition in row:
                 j = col[lat]
                 lk = layer[j]
                 layer[j] += 1
+                if condition is not None:
+                    cond[lk, r, j] = cond_id[condition]  # type: ignore[index]
                 if op is EditOp.SET:
                     mul[lk, r, j], add[lk, r, j] = 0.0, value
                 elif op is EditOp.ABLATE:
@@ -109,6 +130,7 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
         compiled[name] = CompiledEdits(
             sae=name, latents=idx, mul=mul, add=add, add_norm=add_norm, cap=cap,
             edits_row=tuple(bool(row) for row in rows), preserve=preserve,
+            cond=cond, conditions=tuple(conditions),
         )
     return compiled
 
@@ -137,6 +159,14 @@ class EditGroup:
     #: All rows, error term kept, restricted encoder, no input normalisation, no normalised add:
     #: the context may take its shortest path.
     lean: bool = False
+    #: (K, R, 1, U) long on device: per layer entry, the index of its condition in ``conditions``
+    #: plus one (0 = unconditional); None when no entry of these rows has a condition.
+    cond: Tensor | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder_rows.dtype
 
 
 def make_group(
@@ -155,6 +185,15 @@ def make_group(
 
     mul_cpu = compiled.mul.index_select(1, sel)
     latents = compiled.latents.to(device)
+    cond, conditions = None, ()
+    if compiled.cond is not None:
+        c = compiled.cond.index_select(1, sel)
+        used = sorted(set(c.unique().tolist()) - {0})
+        if used:  # renumber 1..C over the conditions these rows use
+            remap = torch.zeros(len(compiled.conditions) + 1, dtype=torch.long)
+            remap[torch.tensor(used)] = torch.arange(1, len(used) + 1)
+            cond = remap[c].unsqueeze(2).to(device)
+            conditions = tuple(compiled.conditions[u - 1] for u in used)
     group = EditGroup(
         rows=torch.tensor(list(batch_rows), dtype=torch.long, device=device),
         all_rows=list(batch_rows) == list(range(n_batch)),
@@ -165,19 +204,23 @@ def make_group(
         add=gather(compiled.add, 0.0),
         add_norm=gather(compiled.add_norm, 0.0),
         cap=gather(compiled.cap, math.inf),
-        mul_zero=compiled.layers == 1 and bool((mul_cpu == 0).all()),
+        mul_zero=compiled.layers == 1 and bool((mul_cpu == 0).all()) and cond is None,
         plan_rows=tuple(plan_rows),
         encoder=encoder,
+        cond=cond,
+        conditions=conditions,
     )
     group.lean = (
         group.all_rows and not replace and encoder is not None and group.add_norm is None
-        and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+        and sae.cfg.normalize_activations in ("none", "expected_average_only_in") and cond is None
     )
     return group
 
 
-def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None) -> Tensor:
-    """Edited latents f' from f (R, N, U); ``x_norm`` (R, N, 1) = ||x_n|| for normalised adds.
+def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None, masks: Tensor | None = None) -> Tensor:
+    """Edited latents f' from f (R, N, U); ``x_norm`` (R, N, 1) = ||x_n|| for normalised adds;
+    ``masks`` (R, N, 1 + C) bool: column 0 all True, column c whether ``group.conditions[c - 1]``
+    holds at each position (needed when ``group.cond`` is set).
 
     The result broadcasts against f (it may be (R, 1, U) or a scalar when it does not depend on f).
     """
@@ -185,6 +228,7 @@ def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None) -> Tensor:
         # set / ablate only (no add_norm, no cap): f' = add, broadcast over positions.
         return group.add[0] if group.add is not None else torch.zeros((), dtype=f.dtype, device=f.device)
     for k in range(group.mul.shape[0] if group.mul is not None else _layers(group)):
+        prev = f
         if group.mul is not None:
             f = f * group.mul[k]
         if group.add is not None:
@@ -193,11 +237,14 @@ def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None) -> Tensor:
             f = f + group.add_norm[k] * x_norm
         if group.cap is not None:
             f = torch.minimum(f, group.cap[k])
+        if group.cond is not None and masks is not None:
+            idx = group.cond[k].expand(prev.shape[0], prev.shape[1], group.cond.shape[-1])
+            f = torch.where(torch.gather(masks, 2, idx), f.expand_as(prev), prev)
     return f
 
 
 def _layers(group: EditGroup) -> int:
-    for t in (group.add, group.add_norm, group.cap):
+    for t in (group.add, group.add_norm, group.cap, group.cond):
         if t is not None:
             return t.shape[0]
     return 0

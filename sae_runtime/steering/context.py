@@ -14,6 +14,12 @@ from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope,
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
 from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
+from sae_runtime.steering.conditions import (
+    LeafValues, condition_masks, edit_conditions, encode_leaves, first_hit, leaves_by_sae,
+)
+from sae_runtime.steering.directions import (
+    DirectionGroup, DirectionTable, apply_directions, compile_projections, compile_vectors, make_direction_group,
+)
 from sae_runtime.steering.readout import AccumulatingRecorder, ReadoutRecorder, SaeReadout
 
 PHASES = ("prefill", "decode", "denoise")
@@ -77,30 +83,71 @@ class SteeringContext:
         self.recorder: ReadoutRecorder = recorder if recorder is not None else AccumulatingRecorder(
             self.n_rows, self.readout.top_k if self.readout else 1)
         self._read = set(self.readout.saes) if self.readout else set()
-        self._handles: list = []
+        self._hook_all = hook_all
+        self._handles: list = []  # the auto-phase pre-hook
+        self._site_handles: dict[HookSite, object] = {}  # attached sites (while entered)
+        self._entered = False
+        self._checked: set = set()  # SAE names and (site, vector width) already width-checked
+        self._leaf_values: dict[str, LeafValues] = {}  # this forward's condition latents, by SAE
+        self._hits: dict[int, tuple[int, str, int, float]] | None = None
         self._groups: dict[tuple, list[EditGroup]] = {}
+        self._dir_groups: dict[tuple, DirectionGroup | None] = {}
         self._restricted: dict[str, Sae | None] = {}
         self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
         self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None]] = {}
-        self._compile()
-        # Sites to hook, each with its SAEs in the mapping's order.
         self._by_site: dict[HookSite, list[str]] = {}
-        for name, att in self.saes.items():
-            if hook_all or name in self.compiled or name in self._read:
-                self._by_site.setdefault(att.site, []).append(name)
+        self._compile()
         self.set_phase("prefill")
 
     # -- plans and reads (the engine changes them per slot) -------------------------------------
     def _check_plan(self, plan: InterventionPlan | None, field: str) -> None:
-        for edit in () if plan is None else plan.edits:
+        if plan is None:
+            return
+        for edit in plan.edits:
             if edit.sae not in self.saes:
                 raise NotFound(f"unknown SAE {edit.sae!r}", field=field)
+        edited = [(e.condition, self.saes[e.sae].site) for e in plan.edits if e.condition is not None]
+        edited += [(v.condition, HookSite.parse(v.site, field=field)) for v in plan.vectors if v.condition is not None]
+        stop = [(plan.stop_when, None)] if plan.stop_when is not None else []
+        for cond, site in edited + stop:
+            for leaf in cond.leaves():
+                if leaf.sae not in self.saes:
+                    raise NotFound(f"unknown SAE {leaf.sae!r} in a condition", field=field)
+                if leaf.latent is None:
+                    raise InvalidArgument("condition leaves must be resolved (InterventionPlan.resolve) first", field=field)
+                at = self.saes[leaf.sae].site
+                if site is None and not at.is_text:
+                    raise InvalidArgument(f"stop_when reads SAE {leaf.sae!r} at non-text site {at.name}", field=field)
+                if site is not None and not site.readable_from(at):
+                    raise InvalidArgument(f"condition SAE {leaf.sae!r} at {at.name} is not computed before {site.name}", field=field)
 
     def _compile(self) -> None:
-        self.compiled = compile_edits(self.plans, {k: a.sae for k, a in self.saes.items()})
+        saes = {k: a.sae for k, a in self.saes.items()}
+        self.compiled = compile_edits(self.plans, saes)
+        self.projections: dict[str, DirectionTable] = compile_projections(self.plans, saes)
+        self.vector_tables: dict[HookSite, DirectionTable] = compile_vectors(self.plans)
+        self._edit_leaves = leaves_by_sae(c for p in self.plans for c in edit_conditions(p))
+        self._stop_rows = tuple(r for r, p in enumerate(self.plans) if p is not None and p.stop_when is not None)
+        self._stop_leaves = leaves_by_sae(self.plans[r].stop_when for r in self._stop_rows)  # type: ignore[misc]
+        self._leaf_plan: dict[tuple, list[tuple[str, Tensor]]] = {}
         self._groups.clear()
+        self._dir_groups.clear()
         self._restricted.clear()
         self._weights.clear()
+        self._plan_sites()
+
+    def _plan_sites(self) -> None:
+        """Sites to hook, each with its SAEs in the mapping's order (re-attached while entered)."""
+        need = set(self.compiled) | set(self.projections) | self._read | set(self._edit_leaves) | set(self._stop_leaves)
+        by_site: dict[HookSite, list[str]] = {}
+        for name, att in self.saes.items():
+            if self._hook_all or name in need:
+                by_site.setdefault(att.site, []).append(name)
+        for site in self.vector_tables:
+            by_site.setdefault(site, [])
+        self._by_site = by_site
+        if self._entered:
+            self._sync_hooks()
 
     def set_plans(self, plans: Mapping[int, InterventionPlan | None]) -> None:
         """Give plan rows new (validated) plans, row -> plan; the edit tables are compiled again, once."""
@@ -113,6 +160,8 @@ class SteeringContext:
     def set_reads(self, saes: frozenset[str] | set[str]) -> None:
         """The SAEs whose latents the next forwards encode for every row and hand to the recorder."""
         self._read = set(saes)
+        if not self._hook_all:
+            self._plan_sites()
 
     # -- what the next forward computes -------------------------------------------------------
     def set_phase(
@@ -135,6 +184,8 @@ class SteeringContext:
         self._vision_rows = None if vision_rows is None else tuple(int(r) for r in vision_rows)
         self._step, self._cfg_doubled = 0, False
         self._weights = {k: w for k, w in self._weights.items() if len(k) > 1}
+        self._leaf_values = {}
+        self._hits = None
 
     def prefill(self, valid: Tensor | None = None, *, rows: Sequence[int] | None = None,
                 vision_rows: Sequence[int] | None = None) -> None:
@@ -156,16 +207,34 @@ class SteeringContext:
 
     # -- hooks --------------------------------------------------------------------------------
     def __enter__(self) -> "SteeringContext":
-        check_widths(self.model, {n: self.saes[n] for names in self._by_site.values() for n in names})
+        self._entered = True
         try:
             if self.auto_phase:
                 self._handles.append(self.model.register_forward_pre_hook(self._auto_phase_hook, with_kwargs=True))
-            for site, names in self._by_site.items():
-                self._handles.append(site.attach(self.model, self._site_fn(site, names)))
+            self._sync_hooks()
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _sync_hooks(self) -> None:
+        """Attach the sites the plans and reads need, detach the others. Widths are checked once
+        per SAE (and per vector site and width), when first hooked, not on every enter."""
+        for site in [s for s in self._site_handles if s not in self._by_site]:
+            self._site_handles.pop(site).remove()  # type: ignore[attr-defined]
+        unchecked = {n: self.saes[n] for names in self._by_site.values() for n in names if n not in self._checked}
+        check_widths(self.model, unchecked)
+        self._checked.update(unchecked)
+        for site, table in self.vector_tables.items():
+            if (site, table.dirs.shape[-1]) not in self._checked:
+                width = site.width(self.model)
+                if width != table.dirs.shape[-1]:
+                    raise InvalidArgument(f"a {table.dirs.shape[-1]}-dim steering vector for site {site.name} of width {width}",
+                                          field="plan.vectors")
+                self._checked.add((site, width))
+        for site in self._by_site:
+            if site not in self._site_handles:
+                self._site_handles[site] = site.attach(self.model, self._site_fn(site))
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
@@ -176,23 +245,97 @@ class SteeringContext:
         self.set_phase("prefill" if past == 0 else "decode", kwargs.get("attention_mask"))
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for handle in [*self._handles, *self._site_handles.values()]:
+            handle.remove()  # type: ignore[attr-defined]
         self._handles.clear()
+        self._site_handles.clear()
+        self._entered = False
 
-    def _site_fn(self, site: HookSite, names: list[str]):
+    def _site_fn(self, site: HookSite):
         def fn(x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
             if torch.is_grad_enabled():
                 with torch.no_grad():
                     return fn(x, grid)
+            # 1) condition latents of the SAEs here, on the activation as it enters the site.
+            for name, latents in self._leaves_at(site):
+                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents.to(x.device), x)
+            # 2) each SAE's latent edits, then its projection edits; 3) the site's vectors.
             changed = False
-            for name in names:
+            for name in self._by_site.get(site, ()):
                 new = self._apply_sae(site, name, x, grid)
+                if new is not None:
+                    x, changed = new, True
+                if name in self.projections:
+                    new = self._apply_directions(site, name, self.projections[name], x, grid)
+                    if new is not None:
+                        x, changed = new, True
+            if site in self.vector_tables:
+                new = self._apply_directions(site, site, self.vector_tables[site], x, grid)
                 if new is not None:
                     x, changed = new, True
             return x if changed else None
 
         return fn
+
+    def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor]]:
+        """(SAE name, latents) to encode at ``site`` in this phase (stop leaves on decode forwards)."""
+        decode = self._phase == "decode"
+        key = (site, decode)
+        plan = self._leaf_plan.get(key)
+        if plan is None:
+            plan = []
+            for name, att in self.saes.items():
+                lat = set(self._edit_leaves.get(name, ())) | (set(self._stop_leaves.get(name, ())) if decode else set())
+                if att.site == site and lat:
+                    plan.append((name, torch.tensor(sorted(lat), dtype=torch.long, device=att.sae.W_dec.device)))
+            self._leaf_plan[key] = plan
+        return plan
+
+    def _masks(self, g: EditGroup | DirectionGroup, n_batch: int) -> Tensor | None:
+        if g.cond is None:
+            return None
+        return condition_masks(g.conditions, self._leaf_values, g.rows, g.all_rows, n_batch)
+
+    def _apply_directions(self, site: HookSite, key: object, table: DirectionTable, x: Tensor,
+                          grid: tuple[int, int] | None) -> Tensor | None:
+        """x after the projection / vector slots of ``table`` on the rows that have them (or None)."""
+        state = (key, *self._state_key(site, x.shape[0]))
+        if state not in self._dir_groups:
+            plan_rows, halves = self._row_map(site, x.shape[0])
+            batch = [j for j, r in enumerate(plan_rows) if table.rows[r] and self._active(site, r, halves[j])]
+            dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            self._dir_groups[state] = make_direction_group(table, batch, [plan_rows[j] for j in batch], x.shape[0], x.device,
+                                                           dtype) if batch else None
+        g = self._dir_groups[state]
+        if g is None:
+            return None
+        xg = x if g.all_rows else x.index_select(0, g.rows)
+        new = apply_directions(g, xg.to(g.dtype), self._weight(site, g, x.shape[1], grid), self._masks(g, x.shape[0]))
+        new = new.to(x.dtype)
+        return new if g.all_rows else x.index_copy(0, g.rows, new)
+
+    # -- stop conditions ------------------------------------------------------------------------
+    def stop_hits(self) -> dict[int, tuple[int, str, int, float]]:
+        """Rows whose ``stop_when`` held in the last forward, if it was a ``decode`` forward:
+        plan row -> (position index among that forward's T positions, leaf SAE, leaf latent, its
+        value), at the first valid position where the condition holds, naming the first leaf (in
+        tree order) whose comparison holds there. Cleared by :meth:`set_phase`. Moves data to the CPU.
+        """
+        if self._hits is None:
+            self._hits = {}
+            if self._phase != "decode" or not self._stop_rows or not self._leaf_values:
+                return self._hits
+            n_batch, n_pos = next(iter(self._leaf_values.values())).values.shape[:2]
+            batch_of = {r: j for j, r in enumerate(self._rows)} if self._rows is not None else {r: r for r in range(n_batch)}
+            valid = None
+            if self._valid is not None:
+                valid = self._valid[:, self._valid.shape[1] - n_pos:].to(self._leaf_values[next(iter(self._leaf_values))].values.device)
+            for r in self._stop_rows:
+                if r in batch_of:
+                    hit = first_hit(self.plans[r].stop_when, self._leaf_values, batch_of[r], valid, n_batch)  # type: ignore[union-attr, arg-type]
+                    if hit is not None:
+                        self._hits[r] = hit
+        return dict(self._hits)
 
     # -- the hot path -------------------------------------------------------------------------
     def _apply_sae(self, site: HookSite, name: str, x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
@@ -230,7 +373,7 @@ class SteeringContext:
             else:
                 f_u = sae.encode_selected_normalized(x_n, g.latents)
             x_norm = x_n.norm(dim=-1, keepdim=True) if g.add_norm is not None else None
-            f_new = apply_ops(g, f_u, x_norm)
+            f_new = apply_ops(g, f_u, x_norm, self._masks(g, x.shape[0]))
             weight = self._weight(site, g, x.shape[1], grid)
             if weight is not None:
                 f_new = torch.lerp(f_u, f_new.expand_as(f_u), weight)
@@ -316,7 +459,7 @@ class SteeringContext:
             self._groups[key] = groups
         return groups
 
-    def _weight(self, site: HookSite, g: EditGroup, n_pos: int, grid: tuple[int, int] | None) -> Tensor | None:
+    def _weight(self, site: HookSite, g: EditGroup | DirectionGroup, n_pos: int, grid: tuple[int, int] | None) -> Tensor | None:
         """Per-position weight (R, N, 1) of the edit, or None when every position is fully in scope."""
         if site.is_text:
             if self._valid is None:
@@ -326,7 +469,7 @@ class SteeringContext:
             key = (id(g), n_pos, grid)
         if key in self._weights:
             return self._weights[key]
-        dtype = g.decoder_rows.dtype
+        dtype = g.dtype
         w: Tensor | None = None
         if site.is_text:
             w = self._valid_for(site, n_pos, g.rows.device).index_select(0, g.rows).unsqueeze(-1).to(dtype)
