@@ -36,7 +36,10 @@ from torch import nn
 from sae_runtime.backends.completion import eos_ids_of
 from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
 from sae_runtime.backends.lm_validation import check_encode, prepare_text, prompt_token_ids
-from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec
+from sae_runtime.backends.plan_resources import PlanResources, build_plan_resources
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, VectorSpec
+from sae_runtime.backends.steering_vectors import check_request as check_steering_vector_request
+from sae_runtime.backends.steering_vectors import compute_steering_vector
 from sae_runtime.backends.types import (
     Backend,
     EncodeRequest,
@@ -44,13 +47,15 @@ from sae_runtime.backends.types import (
     ImageRequest,
     ModelInfo,
     SaeInfo,
+    SteeringVectorRequest,
+    SteeringVectorResult,
     StreamEvent,
     TextRequest,
     TextResult,
 )
 from sae_runtime.engine import PreparedText, TextEngine
 from sae_runtime.errors import InvalidArgument
-from sae_runtime.plan import ReadoutSpec
+from sae_runtime.plan import InterventionPlan, ReadoutSpec
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
@@ -73,6 +78,9 @@ class CausalLmBackend(Backend):
         limits: Limits = Limits(),
         version: str = "",
         engine: EngineConfig = EngineConfig(),
+        vectors: Sequence[VectorSpec] = (),
+        presets: Sequence[tuple[str, InterventionPlan]] = (),
+        label_indexes: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -100,7 +108,16 @@ class CausalLmBackend(Backend):
         self.eos_ids = eos_ids_of(model.config, getattr(model, "generation_config", None), tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+        if label_indexes is not None:
+            self.label_indexes = dict(label_indexes)
+        self.plan_resources = self._plan_resources(vectors, presets)
         self.engine = self._new_engine(engine)
+
+    def _plan_resources(self, vectors: Sequence[VectorSpec], presets: Sequence[tuple[str, InterventionPlan]]) -> PlanResources:
+        """Vectors loaded onto the model's device and dtype, presets validated, over every attached SAE."""
+        param = next(self.model.parameters())
+        return build_plan_resources(self.model, self.saes, {n: a.site for n, a in self.attached.items()}, limits=self.limits,
+                                    vectors=vectors, presets=presets, describe=self.describe, device=param.device, dtype=param.dtype)
 
     @property
     def mitigation_resources(self):
@@ -137,9 +154,9 @@ class CausalLmBackend(Backend):
 
             probe = RiskProbe.load(spec.risk_probe)
         backend = cls(model, tokenizer, saes, risk_probe=probe, name=spec.name, description=spec.description,
-                      limits=spec.limits, engine=spec.engine)
+                      limits=spec.limits, engine=spec.engine, vectors=spec.vectors, presets=spec.presets,
+                      label_indexes=build_label_indexes(saes))  # label embeddings, once per SAE
         backend.load_timings = load_timings
-        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     def info(self) -> ModelInfo:
@@ -154,7 +171,15 @@ class CausalLmBackend(Backend):
             ),
             has_risk_probe=self.risk_probe is not None,
             version=self.version,
+            presets=tuple(self.plan_resources.presets),
+            vectors=tuple((n, v.site.name) for n, v in self.plan_resources.vectors.items()),
         )
+
+    def compute_steering_vector(self, request: SteeringVectorRequest) -> SteeringVectorResult:
+        """DiffMean between two prompt sets at a language-model site (see :mod:`.steering_vectors`);
+        validated here, computed on the engine thread between steps."""
+        check_steering_vector_request(self, request)
+        return self.engine.call(lambda: compute_steering_vector(self, request)).result()
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, request: TextRequest | ImageRequest | EncodeRequest, field_prefix: str = "") -> PreparedText | EncodeRequest:

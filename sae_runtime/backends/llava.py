@@ -37,13 +37,13 @@ from sae_runtime.backends.causal_lm import CausalLmBackend
 from sae_runtime.backends.images import decode_image
 from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
 from sae_runtime.backends.lm_validation import check_encode, check_text_request, prepared_from
-from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec
+from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, VectorSpec
 from sae_runtime.backends.types import EncodeRequest, EncodeResult, ImageRequest, TextRequest
 from sae_runtime.engine import PreparedText
 from sae_runtime.engine.plans import PlanTable
 from sae_runtime.engine.request import SequenceRun
 from sae_runtime.errors import InvalidArgument, TooLarge
-from sae_runtime.plan import ReadoutSpec
+from sae_runtime.plan import InterventionPlan, ReadoutSpec
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
 from sae_runtime.steering import AttachedSae, SteeringContext, check_widths
@@ -66,6 +66,9 @@ class LlavaBackend(CausalLmBackend):
         limits: Limits = Limits(),
         version: str = "",
         engine: EngineConfig = EngineConfig(),
+        vectors: Sequence[VectorSpec] = (),
+        presets: Sequence[tuple[str, InterventionPlan]] = (),
+        label_indexes: Mapping[str, Any] | None = None,
     ) -> None:
         sites: dict[str, HookSite] = {}
         for sae_name, sae in saes.items():
@@ -76,7 +79,8 @@ class LlavaBackend(CausalLmBackend):
                 raise InvalidArgument(f"site {site.name} is neither a language-model nor a vision-encoder site", field=f"saes.{sae_name}.hook_name")
             sites[sae_name] = site
         text = {n: s for n, s in saes.items() if sites[n].is_text}
-        super().__init__(model, processor.tokenizer, text, risk_probe=None, name=name, description=description, limits=limits, version=version)
+        super().__init__(model, processor.tokenizer, text, risk_probe=None, name=name, description=description, limits=limits,
+                         version=version, label_indexes=label_indexes)
         self.processor = processor
         self.saes = dict(saes)
         self.vision_saes = tuple(n for n in saes if not sites[n].is_text)
@@ -92,6 +96,7 @@ class LlavaBackend(CausalLmBackend):
         self.labels = LabelIndex({n: s.labels for n, s in self.saes.items()})
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.plan_resources = self._plan_resources(vectors, presets)
         self.engine = self._new_engine(engine, _VisionPlugin(model), self.vision_saes)
 
     @classmethod
@@ -115,9 +120,10 @@ class LlavaBackend(CausalLmBackend):
 
             probe = RiskProbe.load(spec.risk_probe)
         backend = cls(model.to(spec.device).eval(), processor, saes, risk_probe=probe, name=spec.name,
-                      description=spec.description, limits=spec.limits, engine=spec.engine)
+                      description=spec.description, limits=spec.limits, engine=spec.engine, vectors=spec.vectors,
+                      presets=spec.presets,
+                      label_indexes=build_label_indexes(saes))  # label embeddings, once per SAE
         backend.load_timings = load_timings
-        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     # -- validation --------------------------------------------------------------------------

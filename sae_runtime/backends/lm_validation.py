@@ -97,13 +97,15 @@ def prepare_text(backend: "CausalLmBackend", request: TextRequest, field_prefix:
 
 def prepared_from(backend: "CausalLmBackend", checked: TextRequest, ids: Sequence[int], field_prefix: str = "",
                   pixel_values: Any = None) -> PreparedText:
-    """The PreparedText of a checked request: mitigation edits appended, seed drawn, engine fit checked."""
+    """The PreparedText of a checked request: mitigation edits appended (steered row only), seed drawn,
+    engine fit checked (every variant is one more row)."""
     plan = checked.plan
     if checked.mitigate_risk_top_n > 0:
         from sae_runtime.risk import mitigation_edits
 
         plan = replace(plan, edits=plan.edits + mitigation_edits(backend.risk_probe, checked.mitigate_risk_top_n))
-    prepared = PreparedText(checked, tuple(ids), plan, new_generator(checked.sampling.seed)[1], pixel_values)
+    prepared = PreparedText(checked, tuple(ids), plan, new_generator(checked.sampling.seed)[1], pixel_values,
+                            variant_plans=checked.variants)
     backend.engine.config.check_fits(prepared.n_sequences, prepared.reserved_tokens, f"{field_prefix}sampling.max_new_tokens")
     return prepared
 
@@ -127,13 +129,20 @@ def check_text_request(backend: "CausalLmBackend", request: TextRequest, ids: Se
         from sae_runtime.mitigation import check
 
         check(request.mitigation, backend.mitigation_resources)
-    plan = request.plan.resolve(backend.saes, max_edits=max(backend.limits.max_edits - mitigate, 0), field_prefix=f"{p}plan")
+    resources = backend.plan_resources
+    plan = resources.resolve(request.plan, max_edits=max(backend.limits.max_edits - mitigate, 0), field_prefix=f"{p}plan")
     check_scope_applies(plan.scope, backend.kind, f"{p}plan.scope")
+    if len(request.variants) > backend.limits.max_variants:
+        raise TooLarge(f"{len(request.variants)} variants exceed the limit of {backend.limits.max_variants}", field=f"{p}variants")
+    variants = []
+    for n, variant in enumerate(request.variants):
+        variants.append(resources.resolve(variant, field_prefix=f"{p}variants[{n}]"))
+        check_scope_applies(variants[-1].scope, backend.kind, f"{p}variants[{n}].scope")
     if request.readout is not None:
         request.readout.check(backend.saes, field_prefix=f"{p}readout")
     if not _is_int(request.logprobs) or not 0 <= request.logprobs <= MAX_LOGPROBS:
         raise InvalidArgument(f"must be an integer in [0, {MAX_LOGPROBS}], got {request.logprobs!r}", field=f"{p}logprobs")
-    return replace(request, plan=plan, sampling=sampling)
+    return replace(request, plan=plan, sampling=sampling, variants=tuple(variants))
 
 
 def check_encode(backend: "CausalLmBackend", request: EncodeRequest, field_prefix: str = "") -> None:

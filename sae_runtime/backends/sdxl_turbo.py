@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from sae_runtime.backends import images
-from sae_runtime.backends.spec import Limits, ModelSpec
+from sae_runtime.backends.plan_resources import build_plan_resources
+from sae_runtime.backends.spec import Limits, ModelSpec, VectorSpec
 from sae_runtime.backends.types import (
     Backend,
     EncodeRequest,
@@ -97,6 +98,9 @@ class SdxlTurboBackend(Backend):
         description: str = "",
         limits: Limits = Limits(),
         version: str = "",
+        vectors: Sequence[VectorSpec] = (),
+        presets: Sequence[tuple[str, InterventionPlan]] = (),
+        label_indexes: Mapping[str, Any] | None = None,
     ) -> None:
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
@@ -115,6 +119,11 @@ class SdxlTurboBackend(Backend):
             self.attached[sae_name] = AttachedSae(sae_name, sae, site)
             blocks.setdefault(site, []).append(sae_name)
         check_widths(pipe.unet, self.attached)
+        if label_indexes is not None:
+            self.label_indexes = dict(label_indexes)
+        self.plan_resources = build_plan_resources(
+            pipe.unet, self.saes, {n: a.site for n, a in self.attached.items()}, limits=limits, vectors=vectors,
+            presets=presets, describe=self.describe, device=pipe.unet.device, dtype=pipe.unet.dtype)
         # Map recorders run after the steering hooks (those are prepended when a run starts).
         self._handles = [site.resolve(pipe.unet).register_forward_hook(self._map_recorder(names), with_kwargs=True)
                          for site, names in blocks.items()]
@@ -140,9 +149,10 @@ class SdxlTurboBackend(Backend):
             raise FormatError(f"cannot load a StableDiffusionXLPipeline: {err}", field=spec.path) from None
         pipe = pipe.to(spec.device)
         saes, load_timings = load_spec_saes(spec)
-        backend = cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits)
+        backend = cls(pipe, saes, name=spec.name, description=spec.description, limits=spec.limits, vectors=spec.vectors,
+                      presets=spec.presets,
+                      label_indexes=build_label_indexes(saes))  # label embeddings, once per SAE
         backend.load_timings = load_timings
-        backend.label_indexes = build_label_indexes(saes)  # label embeddings, once per SAE (sae_runtime.search)
         return backend
 
     def close(self) -> None:
@@ -162,6 +172,8 @@ class SdxlTurboBackend(Backend):
             ),
             has_risk_probe=False,
             version=self.version,
+            presets=tuple(self.plan_resources.presets),
+            vectors=tuple((n, v.site.name) for n, v in self.plan_resources.vectors.items()),
         )
 
     # -- validation --------------------------------------------------------------------------
@@ -188,13 +200,13 @@ class SdxlTurboBackend(Backend):
             raise InvalidArgument("guidance_scale must be >= 0", field=f"{p}guidance_scale")
         height = self._check_side(request.height, f"{p}height")
         width = self._check_side(request.width, f"{p}width")
-        plan = request.plan.resolve(self.saes, max_edits=self.limits.max_edits, field_prefix=f"{p}plan")
+        plan = self.plan_resources.resolve(request.plan, field_prefix=f"{p}plan")
         check_scope_applies(plan.scope, self.kind, f"{p}plan.scope")
         check_seed(request.seed, f"{p}seed")
         scope = plan.scope
         if scope.mask is not None and tuple(scope.mask.shape) != (height, width):
             raise InvalidArgument(f"mask is {tuple(scope.mask.shape)}, the image is {(height, width)} (H, W)", field=f"{p}plan.scope.mask")
-        if plan.edits and scope.cfg_half is CfgHalf.UNCOND and guidance <= 1.0:
+        if not plan.is_empty and scope.cfg_half is CfgHalf.UNCOND and guidance <= 1.0:
             raise InvalidArgument("cfg_half 'uncond' needs guidance_scale > 1 (without guidance there is no uncond half)", field=f"{p}plan.scope.cfg_half")
         if request.readout is not None:
             request.readout.check(self.saes, field_prefix=f"{p}readout")
@@ -267,7 +279,7 @@ class SdxlTurboBackend(Backend):
         """One pipeline call for ``rows`` (all with ``first``'s steps, guidance and size); PIL images."""
         device = self.pipe.device
         cfg = first.guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
-        plans = [r.plan if r.plan.edits else None for r in rows]
+        plans = [None if r.plan.is_empty else r.plan for r in rows]
         ctx = SteeringContext(self.pipe.unet, self.attached, plans) if any(plans) else None
         self._run = _Run(rows=rows, cfg=cfg, num_steps=first.num_inference_steps, ctx=ctx)
         try:

@@ -8,6 +8,7 @@ Writes, under ``<out>/demo-lm/``:
 - ``saes/concepts/``    a TopK SAE on ``blocks.2.hook_resid_post``, native format, with concept labels
 - ``saes/gsae/``, ``saes/spade/``, ``saes/ffkv/labels.json``  the other dictionaries (:mod:`.dictionaries`)
 - ``risk/``             the hallucination-risk probe (risk_probe.json + .safetensors)
+- ``vectors/``          DiffMean steering vectors (:mod:`.vectors`), e.g. ``red.safetensors``
 - ``manifest.json``     seed, library versions, configs, metrics and ``build_seconds``
 
 and ``<out>/demo-lm-b/``, the stitching demo (:mod:`.stitch_demo`: a second LM, the stitch, the
@@ -198,6 +199,10 @@ def build(
     probe, risk_metrics = fit_demo_probe(model, tok, sae, SAE_NAME, cfg.probe_items, cfg.seed + 30, progress)
     probe.save(risk_dir)
     t = lap("risk", t)
+    from sae_runtime.demo.vectors import build_vectors
+
+    build_vectors(root / MODEL_DIR, root / "vectors")  # the DiffMean steering vectors (sae_runtime.demo.vectors)
+    t = lap("vectors", t)
 
     f = result.report.final
     build_seconds = round(time.perf_counter() - t_start, 1)

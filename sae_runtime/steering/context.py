@@ -494,10 +494,6 @@ class SteeringContext:
             raise InvalidArgument(f"valid mask covers {valid.shape[1]} positions, site {site.name} sees {n_pos}", field="valid")  # type: ignore[union-attr]
         return valid[:, valid.shape[1] - n_pos:].to(device)  # type: ignore[union-attr]
 
-    def stop_hits(self) -> dict[int, tuple[int, str, int, float]]:
-        """Plan rows whose ``stop_when`` held in the last decode forward (see the steering branch)."""
-        return getattr(self, "_stop_hits", {})
-
     # -- readouts -----------------------------------------------------------------------------
     def _record(self, site: HookSite, name: str, before: Tensor, after: Tensor, grid: tuple[int, int] | None) -> None:
         n_batch = before.shape[0]
