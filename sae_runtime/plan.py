@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_runtime.errors import InvalidArgument, NotFound, TooLarge, require_finite
+from sae_runtime.errors import InvalidArgument, NotFound, SaeRuntimeError, TooLarge, require_finite
 from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite
 from sae_runtime.vectors import SteeringVector, resolve_direction
@@ -288,7 +288,10 @@ def _resolve_edit(e: LatentEdit, f: str, saes: Mapping[str, Sae], describe: Call
             raise InvalidArgument(f"top_n must be an integer in [1, 64], got {e.top_n!r}", field=f"{f}.top_n")
         if describe is None:
             raise InvalidArgument("this model cannot resolve descriptions to latents", field=f"{f}.describe")
-        found = [int(i) for i in describe(e.sae, e.describe, e.top_n)]
+        try:
+            found = [int(i) for i in describe(e.sae, e.describe, e.top_n)]
+        except SaeRuntimeError as err:  # the describer names its own argument: put the edit's path in front
+            raise type(err)(err.message, field=f"{f}.{err.field or 'describe'}") from None
         sae.check_latents(found, field=f"{f}.describe")
         latents += found
     if not latents:

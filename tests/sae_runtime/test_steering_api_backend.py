@@ -194,3 +194,14 @@ def test_stop_when_stops_at_the_first_generated_position_where_it_holds(backend)
     assert steered.stopped_by.value == pytest.approx(float(values[first]), abs=1e-4)
     assert [t.id for t in steered.tokens] == [t.id for t in base.steered.tokens[: first + 1]]
     assert result[1].steered.tokens == base.steered.tokens  # its batch mate is unchanged
+
+
+def test_describe_resolves_to_the_best_matching_labelled_latent(backend):
+    described = InterventionPlan((LatentEdit("s0", EditOp.SET, describe="the colour red", top_n=1, value=4.0),))
+    by_index = InterventionPlan((LatentEdit("s0", EditOp.SET, (3,), 4.0),))
+    a, b = backend.generate([_request(described), _request(by_index)])
+    assert a.plan.edits[0].latents == (3,)  # what the description chose, returned with the result
+    assert a.steered.tokens == b.steered.tokens
+    with pytest.raises(InvalidArgument) as err:
+        backend.validate(_request(InterventionPlan((LatentEdit("s0", EditOp.SET, describe="red", top_n=0),))))
+    assert err.value.field == "plan.edits[0].top_n"
