@@ -23,6 +23,14 @@ def demo_engine_knobs() -> dict:
     return dict(entry.get("engine") or {})
 
 
+def _sae_spec(entry: dict, base: Path) -> "SaeSpec":  # noqa: F821 - imported lazily
+    """A config ``saes:`` entry as a SaeSpec (an FF-KV dictionary is built from the model's layer)."""
+    from sae_runtime.backends.spec import SaeSpec
+
+    ffkv = entry.get("ffkv") or {}
+    return SaeSpec(entry["name"], str(base / entry["path"]), ffkv_layer=ffkv.get("layer"), ffkv_k=ffkv.get("k"))
+
+
 @contextmanager
 def demo_lm_spec() -> Iterator[tuple["ModelSpec", str]]:  # noqa: F821 - imported lazily
     """(ModelSpec of the demo LM with its SAEs, risk probe, limits and engine knobs, a line saying which model)."""
@@ -37,7 +45,7 @@ def demo_lm_spec() -> Iterator[tuple["ModelSpec", str]]:  # noqa: F821 - importe
             entry = _standin(base)
         spec = ModelSpec(
             name=entry["name"], kind=entry["kind"], path=str(base / entry["path"]),
-            saes=tuple(SaeSpec(s["name"], str(base / s["path"])) for s in entry.get("saes", ())),
+            saes=tuple(_sae_spec(s, base) for s in entry.get("saes", ())),
             risk_probe=str(base / entry["risk_probe"]) if entry.get("risk_probe") else None,
             limits=Limits(**entry.get("limits", {})),
             engine=EngineConfig(**demo_engine_knobs()),

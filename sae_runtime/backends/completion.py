@@ -17,7 +17,21 @@ across token boundaries; bytes of an unfinished UTF-8 character wait for the tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+
+def id_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``ids -> text`` equal to ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    For a transformers fast tokenizer that does no clean-up of tokenisation spaces, that is the
+    Rust tokenizer's own decode: calling it directly skips transformers' per-call Python layer
+    (argument conversion and dispatch, ~30 us per call, which made detokenisation about a tenth
+    of a batched decode step's CPU time on the demo LM).
+    """
+    fast = getattr(tokenizer, "_tokenizer", None)
+    if fast is not None and hasattr(fast, "decode") and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return lambda ids: fast.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class RowText:
     # ids[prefix:], and the new piece is what that window adds beyond ids[prefix:read].
     _prefix: int = 0
     _read: int = 0
+    _decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
@@ -59,7 +74,9 @@ class RowText:
 
     def _next_piece(self) -> str:
         """The text the newest id adds, decoding only the ids since the last emitted piece."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if self._decode is None:
+            self._decode = id_decoder(self.tokenizer)
+        decode = self._decode
         shown = decode(self.ids[self._prefix:self._read])
         window = decode(self.ids[self._prefix:])
         if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next id

@@ -192,3 +192,20 @@ def test_row_text_stops_on_stop_string_eos_and_length():
     row = RowText(tok, stop=("zz",), max_new_tokens=2, eos_ids=frozenset())
     row.push(0), row.push(1)
     assert (row.text, row.finish_reason) == ("ab", "length")
+
+
+@pytest.mark.parametrize("byte_level", [False, True])
+def test_id_decoder_equals_the_tokenizers_decode(byte_level):
+    from sae_runtime.backends.completion import id_decoder
+    from sae_runtime.demo.tiny_models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(byte_level=byte_level)
+    decode = id_decoder(tok)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, len(tok), (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True)
+    # A tokenizer that cleans up spaces keeps transformers' decode (the clean-up is part of it).
+    tok.clean_up_tokenization_spaces = True
+    ids = tok("a b")["input_ids"]
+    assert id_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
