@@ -104,5 +104,29 @@ def first_hit(c: Condition, values: Mapping[str, LeafValues], j: int, valid: Ten
     raise AssertionError("a true tree has a true leaf")  # pragma: no cover
 
 
+def stop_hits(plans: Sequence[InterventionPlan | None], stop_rows: Sequence[int], values: Mapping[str, LeafValues],
+              rows: Sequence[int] | None, valid: Tensor | None) -> dict[int, tuple[int, str, int, float]]:
+    """Plan row -> :func:`first_hit` of its ``stop_when`` over the last forward's leaf ``values``.
+
+    ``rows``: plan row of each hook-batch entry (None = 0..B-1); ``valid`` (B, >= N) bool mask
+    whose last N columns mark real positions (None = all real). Rows absent from the forward or
+    without a hit are left out.
+    """
+    if not values or not stop_rows:
+        return {}
+    first = next(iter(values.values())).values
+    n_batch, n_pos = first.shape[:2]
+    batch_of = {r: j for j, r in enumerate(rows)} if rows is not None else {r: r for r in range(n_batch)}
+    if valid is not None:
+        valid = valid[:, valid.shape[1] - n_pos:].to(first.device)
+    hits = {}
+    for r in stop_rows:
+        if r in batch_of:
+            hit = first_hit(plans[r].stop_when, values, batch_of[r], valid, n_batch)  # type: ignore[union-attr, arg-type]
+            if hit is not None:
+                hits[r] = hit
+    return hits
+
+
 __all__ = ["LeafValues", "condition_masks", "edit_conditions", "encode_leaves", "evaluate", "first_hit", "leaf_holds",
-           "leaves_by_sae"]
+           "leaves_by_sae", "stop_hits"]
