@@ -44,11 +44,17 @@ def leaves_by_sae(conditions: Iterable[Condition]) -> dict[str, tuple[int, ...]]
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
-def encode_leaves(sae: Sae, latents: Tensor, x: Tensor) -> LeafValues:
-    """The latents ``latents`` (L,) of ``sae`` on activation x (B, N, d_in), before any edit."""
+def encode_leaves(sae: Sae, latents: Tensor, x: Tensor, encoder: Sae | None = None) -> LeafValues:
+    """The latents ``latents`` (L,) of ``sae`` on activation x (B, N, d_in), before any edit.
+    ``encoder``: ``sae.restrict(latents)`` (selective SAEs), read instead of gathering columns."""
     xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
     x_n, _ = sae.normalize(xs)
-    values = sae.encode_selected_normalized(x_n, latents) if sae.selective else sae.encode_normalized(x_n).index_select(-1, latents)
+    if encoder is not None:
+        values = encoder.encode_normalized(x_n)
+    elif sae.selective:
+        values = sae.encode_selected_normalized(x_n, latents)
+    else:
+        values = sae.encode_normalized(x_n).index_select(-1, latents)
     return LeafValues(latents, values, {int(i): j for j, i in enumerate(latents.tolist())})
 
 

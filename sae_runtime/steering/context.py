@@ -257,8 +257,8 @@ class SteeringContext:
                 with torch.no_grad():
                     return fn(x, grid)
             # 1) condition latents of the SAEs here, on the activation as it enters the site.
-            for name, latents in self._leaves_at(site):
-                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents.to(x.device), x)
+            for name, latents, encoder in self._leaves_at(site):
+                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents, x, encoder)
                 self._hits = None
             # 2) each SAE's latent edits, then its projection edits; 3) the site's vectors.
             changed = False
@@ -278,8 +278,9 @@ class SteeringContext:
 
         return fn
 
-    def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor]]:
-        """(SAE name, latents) to encode at ``site`` in this phase (stop leaves on decode forwards)."""
+    def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor, Sae | None]]:
+        """(SAE name, latents, the SAE restricted to them or None) to encode at ``site`` in this
+        phase (stop leaves on decode forwards only)."""
         decode = self._phase == "decode"
         key = (site, decode)
         plan = self._leaf_plan.get(key)
@@ -288,7 +289,8 @@ class SteeringContext:
             for name, att in self.saes.items():
                 lat = set(self._edit_leaves.get(name, ())) | (set(self._stop_leaves.get(name, ())) if decode else set())
                 if att.site == site and lat:
-                    plan.append((name, torch.tensor(sorted(lat), dtype=torch.long, device=att.sae.W_dec.device)))
+                    idx = torch.tensor(sorted(lat), dtype=torch.long, device=att.sae.W_dec.device)
+                    plan.append((name, idx, att.sae.restrict(idx) if att.sae.selective else None))
             self._leaf_plan[key] = plan
         return plan
 
