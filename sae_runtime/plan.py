@@ -212,8 +212,10 @@ class InterventionPlan:
           vectors come first (in preset order), then the plan's own. A preset's own scope,
           preserve_error, stop_when and presets are ignored. The result has ``presets=()``.
         - ``describe(sae, text, top_n)`` -> latent indices, for edits naming latents by ``describe``.
-        - Labels become indices (``labels=()``); condition leaves get ``latent`` set from their
-          ``label`` (and ``label`` cleared).
+        - Labels become indices (``labels=()``); an edit's latents are its own, then its labels',
+          then the described ones (duplicates dropped), and ``describe`` is cleared; condition
+          leaves get ``latent`` set from their ``label`` (and ``label`` cleared). Resolving a
+          resolved plan again gives the same plan.
         - ``vectors`` (declared steering vectors); each :class:`VectorEdit` gets ``site`` (canonical
           name) and ``direction`` (float32 (d,), CPU) set and ``values=()``. ``site_width(site)``
           checks every direction's length; inline floats over the plan are capped by
@@ -248,7 +250,8 @@ class InterventionPlan:
         resolved = [_resolve_edit(e, f, saes, describe, checker) for e, f in edits]
         resolved_vecs = []
         for v, f in vecs:
-            hook, direction = resolve_direction(v.vector, v.values, v.site, f, vectors=vectors, site_width=site_width)
+            hook, direction = resolve_direction(v.vector, v.values, v.site, f, vectors=vectors, site_width=site_width,
+                                                resolved=v.direction)
             try:
                 op = EditOp(v.op)
             except ValueError:
@@ -300,7 +303,7 @@ def _resolve_edit(e: LatentEdit, f: str, saes: Mapping[str, Sae], describe: Call
     if e.normalize and op is not EditOp.ADD:
         raise InvalidArgument("normalize applies to op 'add' only", field=f"{f}.normalize")
     cond = None if e.condition is None else checker.check(e.condition, f"{f}.condition", checker.site_of(e.sae))
-    return replace(e, op=op, latents=tuple(dict.fromkeys(latents)), value=value, labels=(), condition=cond)
+    return replace(e, op=op, latents=tuple(dict.fromkeys(latents)), value=value, labels=(), describe="", condition=cond)
 
 
 class _Conditions:

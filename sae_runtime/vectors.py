@@ -58,6 +58,7 @@ def load_vector(name: str, path: str, hook_name: str, tensor_key: str | None = N
 def resolve_direction(
     vector: str, values: Sequence[float], site: str, field: str, *,
     vectors: Mapping[str, SteeringVector], site_width: Callable[[HookSite], int] | None,
+    resolved: Tensor | None = None,
 ) -> tuple[HookSite, Tensor]:
     """The site and direction (d,) float32 of one vector edit: the declared vector ``vector`` (a key
     of ``vectors``) or the inline ``values`` at ``site``; ``field`` is the edit's request field.
@@ -66,6 +67,9 @@ def resolve_direction(
     from the declared vector's, non-finite or empty values, or a direction whose length is not
     ``site_width(site)`` (when given).
     """
+    if resolved is not None and not values and site:  # an edit validated before: its direction is inline
+        values = resolved.detach().float().flatten().tolist()
+        vector = ""
     if bool(vector) == bool(values):
         raise InvalidArgument("give exactly one of vector (a declared name) or values (inline)", field=f"{field}.vector")
     if vector:

@@ -44,11 +44,17 @@ def leaves_by_sae(conditions: Iterable[Condition]) -> dict[str, tuple[int, ...]]
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
-def encode_leaves(sae: Sae, latents: Tensor, x: Tensor) -> LeafValues:
-    """The latents ``latents`` (L,) of ``sae`` on activation x (B, N, d_in), before any edit."""
+def encode_leaves(sae: Sae, latents: Tensor, x: Tensor, encoder: Sae | None = None) -> LeafValues:
+    """The latents ``latents`` (L,) of ``sae`` on activation x (B, N, d_in), before any edit.
+    ``encoder``: ``sae.restrict(latents)`` (selective SAEs), read instead of gathering columns."""
     xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
     x_n, _ = sae.normalize(xs)
-    values = sae.encode_selected_normalized(x_n, latents) if sae.selective else sae.encode_normalized(x_n).index_select(-1, latents)
+    if encoder is not None:
+        values = encoder.encode_normalized(x_n)
+    elif sae.selective:
+        values = sae.encode_selected_normalized(x_n, latents)
+    else:
+        values = sae.encode_normalized(x_n).index_select(-1, latents)
     return LeafValues(latents, values, {int(i): j for j, i in enumerate(latents.tolist())})
 
 
@@ -104,5 +110,29 @@ def first_hit(c: Condition, values: Mapping[str, LeafValues], j: int, valid: Ten
     raise AssertionError("a true tree has a true leaf")  # pragma: no cover
 
 
+def stop_hits(plans: Sequence[InterventionPlan | None], stop_rows: Sequence[int], values: Mapping[str, LeafValues],
+              rows: Sequence[int] | None, valid: Tensor | None) -> dict[int, tuple[int, str, int, float]]:
+    """Plan row -> :func:`first_hit` of its ``stop_when`` over the last forward's leaf ``values``.
+
+    ``rows``: plan row of each hook-batch entry (None = 0..B-1); ``valid`` (B, >= N) bool mask
+    whose last N columns mark real positions (None = all real). Rows absent from the forward or
+    without a hit are left out.
+    """
+    if not values or not stop_rows:
+        return {}
+    first = next(iter(values.values())).values
+    n_batch, n_pos = first.shape[:2]
+    batch_of = {r: j for j, r in enumerate(rows)} if rows is not None else {r: r for r in range(n_batch)}
+    if valid is not None:
+        valid = valid[:, valid.shape[1] - n_pos:].to(first.device)
+    hits = {}
+    for r in stop_rows:
+        if r in batch_of:
+            hit = first_hit(plans[r].stop_when, values, batch_of[r], valid, n_batch)  # type: ignore[union-attr, arg-type]
+            if hit is not None:
+                hits[r] = hit
+    return hits
+
+
 __all__ = ["LeafValues", "condition_masks", "edit_conditions", "encode_leaves", "evaluate", "first_hit", "leaf_holds",
-           "leaves_by_sae"]
+           "leaves_by_sae", "stop_hits"]

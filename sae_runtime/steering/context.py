@@ -15,7 +15,7 @@ from sae_runtime.saes.base import Sae
 from sae_runtime.sites import HookSite, SiteKind
 from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
 from sae_runtime.steering.conditions import (
-    LeafValues, condition_masks, edit_conditions, encode_leaves, first_hit, leaves_by_sae,
+    LeafValues, condition_masks, edit_conditions, encode_leaves, leaves_by_sae, stop_hits,
 )
 from sae_runtime.steering.directions import (
     DirectionGroup, DirectionTable, apply_directions, compile_projections, compile_vectors, make_direction_group,
@@ -257,8 +257,9 @@ class SteeringContext:
                 with torch.no_grad():
                     return fn(x, grid)
             # 1) condition latents of the SAEs here, on the activation as it enters the site.
-            for name, latents in self._leaves_at(site):
-                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents.to(x.device), x)
+            for name, latents, encoder in self._leaves_at(site):
+                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents, x, encoder)
+                self._hits = None
             # 2) each SAE's latent edits, then its projection edits; 3) the site's vectors.
             changed = False
             for name in self._by_site.get(site, ()):
@@ -277,8 +278,9 @@ class SteeringContext:
 
         return fn
 
-    def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor]]:
-        """(SAE name, latents) to encode at ``site`` in this phase (stop leaves on decode forwards)."""
+    def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor, Sae | None]]:
+        """(SAE name, latents, the SAE restricted to them or None) to encode at ``site`` in this
+        phase (stop leaves on decode forwards only)."""
         decode = self._phase == "decode"
         key = (site, decode)
         plan = self._leaf_plan.get(key)
@@ -287,7 +289,8 @@ class SteeringContext:
             for name, att in self.saes.items():
                 lat = set(self._edit_leaves.get(name, ())) | (set(self._stop_leaves.get(name, ())) if decode else set())
                 if att.site == site and lat:
-                    plan.append((name, torch.tensor(sorted(lat), dtype=torch.long, device=att.sae.W_dec.device)))
+                    idx = torch.tensor(sorted(lat), dtype=torch.long, device=att.sae.W_dec.device)
+                    plan.append((name, idx, att.sae.restrict(idx) if att.sae.selective else None))
             self._leaf_plan[key] = plan
         return plan
 
@@ -322,19 +325,8 @@ class SteeringContext:
         tree order) whose comparison holds there. Cleared by :meth:`set_phase`. Moves data to the CPU.
         """
         if self._hits is None:
-            self._hits = {}
-            if self._phase != "decode" or not self._stop_rows or not self._leaf_values:
-                return self._hits
-            n_batch, n_pos = next(iter(self._leaf_values.values())).values.shape[:2]
-            batch_of = {r: j for j, r in enumerate(self._rows)} if self._rows is not None else {r: r for r in range(n_batch)}
-            valid = None
-            if self._valid is not None:
-                valid = self._valid[:, self._valid.shape[1] - n_pos:].to(self._leaf_values[next(iter(self._leaf_values))].values.device)
-            for r in self._stop_rows:
-                if r in batch_of:
-                    hit = first_hit(self.plans[r].stop_when, self._leaf_values, batch_of[r], valid, n_batch)  # type: ignore[union-attr, arg-type]
-                    if hit is not None:
-                        self._hits[r] = hit
+            decode = self._phase == "decode" and bool(self._stop_rows)
+            self._hits = stop_hits(self.plans, self._stop_rows, self._leaf_values, self._rows, self._valid) if decode else {}
         return dict(self._hits)
 
     # -- the hot path -------------------------------------------------------------------------

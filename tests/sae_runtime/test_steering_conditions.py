@@ -393,3 +393,36 @@ def test_unet_same_site_conditional_add_on_both_cfg_halves(tmp_path):
     for j in (0, 2):  # plan row 0 in the uncond and the cond half
         torch.testing.assert_close(delta[j], want[j].detach(), atol=1e-5, rtol=0)
     assert (delta[1] == 0).all() and (delta[3] == 0).all()  # plan row 1 (None) untouched in both halves
+
+
+def test_vision_conditional_edit_reads_an_earlier_vision_layer(tmp_path):
+    """LLaVA vision tower: an edit at vision layer 1 gated by a latent of an SAE at vision layer 0,
+    per image token; the other row (no plan) and the language model's rows stay as unhooked."""
+    from transformers import LlavaForConditionalGeneration
+
+    from sae_runtime.demo.tiny_models import build_tiny_llava
+
+    llava = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "llava", seed=4)).eval()
+    att = {"v0": AttachedSae("v0", make_sae("jumprelu", 32, 64, 21), HookSite.parse("vision.layers.0")),
+           "v1": AttachedSae("v1", make_sae("jumprelu", 32, 64, 22), HookSite.parse("vision.layers.1"))}
+    layers = llava.model.vision_tower.encoder.layers
+    ids = torch.tensor([[1] + [llava.config.image_token_id] * 16 + [20, 21, 22]] * 2)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with probe(layers[0]) as l0:
+            base = llava(input_ids=ids, pixel_values=pixels).logits
+        f0 = by_hand(att["v0"].sae, l0["before"][0])
+        lat, thr = busy_latent(f0)
+        cond = f0[..., lat] > thr
+        assert cond[0].any() and not cond[0].all()
+        p = resolve(InterventionPlan((LatentEdit("v1", EditOp.SET, (2, 5), 3.0, condition=Condition("v0", lat, threshold=thr)),)), att)
+        with SteeringContext(llava, att, [p, None]) as ctx:
+            ctx.prefill()
+            with probe(layers[1]) as l1:
+                out = llava(input_ids=ids, pixel_values=pixels).logits
+    x, hooked = l1["before"][0], l1["after"][0]
+    f1 = by_hand(att["v1"].sae, x)
+    want = clamp_expected(x, att["v1"].sae, f1, (2, 5), 3.0, cond)
+    torch.testing.assert_close(hooked[0], want[0], atol=1e-5, rtol=0)
+    assert torch.equal(hooked[1], x[1]) and torch.equal(out[1], base[1])
+    assert (out[0] - base[0]).abs().max() > 1e-4

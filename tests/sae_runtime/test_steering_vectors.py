@@ -283,3 +283,19 @@ def test_site_order():
     assert not s("blocks.0.hook_resid_pre").readable_from(s("vision.layers.0"))
     assert s("unet.mid_block.attentions.0").readable_from(s("unet.mid_block.attentions.0"))
     assert not s("unet.up_blocks.0.attentions.0").readable_from(s("unet.down_blocks.1.attentions.0"))
+
+
+def test_resolving_a_resolved_plan_gives_the_same_plan(saes, tmp_path):
+    d = direction(5)
+    declared = {"v": load_vector_like("v", D, "blocks.1.hook_resid_post")}
+    saes["b"].sae.labels["loud"] = 11
+    p = InterventionPlan((LatentEdit("b", EditOp.SET, (1,), 2.0, labels=("loud",), describe="x", top_n=1,
+                                     condition=Condition(any_of=(Condition("a", 6), Condition("b", label="loud")))),),
+                         vectors=(VectorEdit(values=tuple(d.tolist()), site="layers.1", op=EditOp.PROJECT_CAP, value=0.5),
+                                  VectorEdit(vector="v", value=2.0)),
+                         stop_when=Condition("b", 2))
+    once = resolve(p, saes, vectors=declared, describe=lambda *a: [4])
+    twice = resolve(once, saes)
+    assert once == twice and once.edits[0].latents == (1, 11, 4) and once.edits[0].describe == ""
+    for a, b in zip(once.vectors, twice.vectors):
+        assert torch.equal(a.direction, b.direction)
