@@ -170,10 +170,16 @@ class TextEngine(StepLoop):
             for run in list(self._running):
                 self._end(run, RequestStatus.FAILED, err)
             self.kv.keep([])
+            self.plans.detach()
             return None
+        if not self._running and not self._restarts:
+            self.plans.detach()  # idle: the model is plain again
         if self.on_step is not None:
             self.on_step(stats)
         return stats
+
+    def _before_calls(self) -> None:
+        self.plans.detach()
 
     def _retire_stopped(self, now: float) -> None:
         for run in list(self.scheduler.waiting) + self._running:

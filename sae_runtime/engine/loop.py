@@ -47,6 +47,9 @@ class StepLoop:
     def _busy(self) -> bool:
         raise NotImplementedError
 
+    def _before_calls(self) -> None:
+        """Make the model plain for calls between steps (an engine detaches its hooks here)."""
+
     def _enqueue(self, run: Any) -> None:
         with self._lock:
             self._incoming.append(run)
@@ -64,6 +67,7 @@ class StepLoop:
         item = _Call(fn)
         if self._thread is None:
             with self._step_lock:
+                self._before_calls()
                 item.run()
             return item.future
         with self._lock:
@@ -77,6 +81,8 @@ class StepLoop:
             with self._lock:
                 incoming, self._incoming = self._incoming, []
                 calls, self._calls = self._calls, []
+            if calls:
+                self._before_calls()
             for call in calls:
                 call.run()
             return self._step(incoming)

@@ -191,3 +191,22 @@ def test_the_threaded_engine_serves_concurrent_callers(tmp_path):
         _same(results[i], want)
     assert tuple(e.token for e in streamed[:-1]) == streamed[-1].result.steered.tokens
     _same(streamed[-1].result, solo[2])
+
+
+def _hooks_on(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_stay_on_between_steps_and_come_off_for_calls_and_when_idle(tmp_path):
+    backend = _backend(tmp_path, "llama")
+    engine, model = backend.engine, backend.model
+    plain = _hooks_on(model)
+    steered = TextRequest(prompt=PROMPTS[0], plan=_edit(EditOp.SET, (3, 7), 4.0), sampling=SamplingParams(max_new_tokens=6))
+    run = engine.submit(backend.validate(steered))
+    engine.step()
+    assert _hooks_on(model) > plain  # attached by the step and kept for the next one
+    seen = engine.call(lambda: _hooks_on(model)).result()
+    assert seen == plain  # a call between steps sees the plain model
+    engine.wait([run])
+    assert _hooks_on(model) == plain  # idle: detached
+    assert run.result.steered.tokens == backend.generate([steered])[0].steered.tokens
