@@ -25,6 +25,7 @@ from sae_runtime.plan import (
     InterventionPlan,
     LatentEdit,
     Scope,
+    VECTOR_OPS,
     TokenScope,
     VectorEdit,
     VisionScope,
@@ -130,11 +131,14 @@ def vector_from_proto(v: pb.VectorEdit, f: str) -> VectorEdit:
         raise InvalidArgument("a declared vector's site comes from the config; leave site empty", field=f"{f}.site")
     if v.values and not v.site:
         raise InvalidArgument("inline values need their hook site", field=f"{f}.site")
+    op = enum_value(OPS, v.op, f"{f}.op")
+    if op not in VECTOR_OPS:
+        raise InvalidArgument("a vector takes EDIT_OP_ADD, EDIT_OP_PROJECT_SET or EDIT_OP_PROJECT_CAP", field=f"{f}.op")
     return VectorEdit(
         vector=v.vector,
         values=tuple(float(x) for x in v.values),
         site=v.site,
-        op=enum_value(OPS, v.op, f"{f}.op"),
+        op=op,
         value=float(v.value) if v.HasField("value") else 1.0,
         normalize=v.normalize,
         condition=condition_from_proto(v.condition, f"{f}.condition") if v.HasField("condition") else None,
