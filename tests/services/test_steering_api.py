@@ -423,6 +423,16 @@ def greedy(n: int) -> Generation:
 PROMPT = "the red cat sat on the mat"
 
 
+def test_the_hand_reference_reproduces_the_unsteered_model_and_a_plain_clamp(client, hand):
+    """The reference itself, on what the service already did before #16: x + (v - f_i) W_dec[i]."""
+    response = client.generate(LM, PROMPT, edits=[edit(LM_SAE, "set", "color:red", value=20.0)], generation=greedy(8), seed=0,
+                               include_default=True, return_logprobs=1)
+    clamp = hand.generate(PROMPT, 8, lambda x, _: x + (20.0 - hand.encode(x)[:, RED]).unsqueeze(-1) * hand.W_dec[RED])
+    assert_matches(response.completion, clamp)
+    assert_matches(response.default_completion, hand.generate(PROMPT, 8))
+    assert clamp[0] != ids(response.default_completion)
+
+
 def test_list_models_lists_presets_and_vectors(client):
     lm = {m.name: m for m in client.list_models()}[LM]
     assert list(lm.presets) == list(LM_PRESETS)
