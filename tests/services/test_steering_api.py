@@ -295,6 +295,18 @@ def test_render_serve_config_carries_vectors_and_presets_through(tmp_path):
     assert again.models[0].to_spec(tmp_path) == config.models[0].to_spec(tmp_path)
 
 
+def test_a_missing_vector_file_fails_before_the_service_starts(tmp_path):
+    from services.app import check_local_paths
+
+    (tmp_path / "lm").mkdir()
+    config = parse_config({"models": [{"name": "lm", "kind": "causal_lm", "path": "lm",
+                                       "vectors": {"v": {"path": "v.safetensors", "hook_name": LM_HOOK}}}]})
+    with pytest.raises(ConfigError, match=r"models\.0\.vectors\.v\.path"):
+        check_local_paths(config, tmp_path)
+    (tmp_path / "v.safetensors").write_bytes(b"")
+    check_local_paths(config, tmp_path)
+
+
 BAD_CONFIGS = {
     "vector without hook_name": ({"vectors": {"v": {"path": "v.st"}}}, "vectors.v.hook_name"),
     "vector with an unknown key": ({"vectors": {"v": {"path": "v.st", "hook_name": LM_HOOK, "layer": 2}}}, "vectors.v.layer"),
