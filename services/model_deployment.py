@@ -230,12 +230,14 @@ class ModelServer:
         return convert.evaluate_sae_result_to_proto(result, timings=timings, versions=self.versions)
 
     async def compute_steering_vector(self, request: pb.ComputeSteeringVectorRequest, received_at: float) -> pb.ComputeSteeringVectorResponse:
-        """DiffMean between two prompt sets at a hook site, on the engine's thread between steps."""
+        """DiffMean between two prompt sets at a hook site. Like ``encode``, the backend's method runs
+        its forwards on the engine's thread between steps (it waits on ``engine.call``), so it is
+        called from a worker thread here, never from the engine's own."""
         self._require_kind(TEXT_KINDS, "ComputeSteeringVector")
         sites = {s.name: s.hook_name for s in self.info.saes}
         vector_request = convert.steering_vector_request_from_proto(request, self.spec.limits, sites)
         started = time.time()
-        result = await asyncio.wrap_future(self.loop.call(lambda: self.backend.compute_steering_vector(vector_request)))
+        result = await asyncio.to_thread(self.backend.compute_steering_vector, vector_request)
         timings = self._timings(rt.Timings(compute_ms=(time.time() - started) * 1e3), received_at)
         self._observe("compute_steering_vector", timings)
         return convert.steering_vector_result_to_proto(result, timings=timings, versions=self.versions)
