@@ -191,9 +191,11 @@ def check_plan_limits(plans: Sequence[tuple[str, pb.InterventionPlan]], limits: 
 def condition_to_proto(c: Condition) -> pb.Condition:
     if not c.is_leaf:
         return pb.Condition(all_of=[condition_to_proto(x) for x in c.all_of], any_of=[condition_to_proto(x) for x in c.any_of])
-    msg = pb.Condition(sae=c.sae, label=c.label, compare=_COMPARES_PB[Compare(c.compare)], threshold=c.threshold)
-    if c.latent is not None:
+    msg = pb.Condition(sae=c.sae, compare=_COMPARES_PB[Compare(c.compare)], threshold=c.threshold)
+    if c.latent is not None:  # a resolved label is sent as the latent it names (a leaf names one of the two)
         msg.latent = int(c.latent)
+    else:
+        msg.label = c.label
     return msg
 
 
