@@ -106,6 +106,15 @@ def test_variants_convert_in_order_with_the_request():
     assert convert.text_request_from_proto(multimodal, []).variants == (InterventionPlan(),)
 
 
+def test_steered_means_the_request_plan_edits_something():
+    def steered(**fields) -> bool:
+        return convert.is_steered(convert.text_request_from_proto(pb.GenerateRequest(model="m", prompt="p", **fields), []))
+
+    assert steered(plan=plan(presets=["red"])) and steered(plan=plan(vectors=[vector("shift")]))
+    assert not steered(plan=plan(stop_when=when(LM_SAE, 1, above=0.0)))  # stop_when only reads
+    assert not steered(variants=[plan([edit(LM_SAE, "ablate", 1)])])  # `steered` is about `completion`
+
+
 def _deep(depth: int) -> pb.Condition:
     c = when(LM_SAE, 1, above=0.0)
     for _ in range(depth - 1):
@@ -476,6 +485,17 @@ def test_variants_each_equal_their_plan_alone_with_the_request_seed(client, lm_b
         assert [list(e.latents) for e in got.plan.edits] == [[RED]] * len(edits)  # the label resolved, as run
     assert ids(response.variants[2].completion) == ids(response.default_completion)  # the empty variant is the unsteered twin
     assert len({tuple(ids(v.completion)) for v in response.variants}) > 1  # the sweep changed something
+
+
+def test_a_stream_yields_the_plan_tokens_and_its_final_message_the_variants(client):
+    options = dict(edits=[edit(LM_SAE, "set", "color:red", value=8.0)], variants=[plan([edit(LM_SAE, "ablate", RED)])],
+                   generation=greedy(5), seed=0)
+    messages = list(client.stream(LM, PROMPT, **options))
+    unary = client.generate(LM, PROMPT, **options)
+    assert [m.token.id for m in messages if m.HasField("token")] == ids(unary.completion)
+    final = messages[-1].final
+    assert [ids(v.completion) for v in final.variants] == [ids(v.completion) for v in unary.variants] and len(final.variants) == 1
+    assert [list(e.latents) for e in final.plan.edits] == [[RED]]
 
 
 def test_project_set_and_project_cap_equal_the_hand_formula(client, hand):
