@@ -19,6 +19,10 @@ Example (configs/demo.yaml)::
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
           - {name: kv, ffkv: {layer: 2, k: 32}}   # the MLP's own neurons (FF-KV), no file
         risk_probe: ../models/demo-lm/risk
+        presets:                                   # named plans, written as a request's plan in proto JSON
+          red: {edits: [{sae: concepts, op: EDIT_OP_SET, labels: ["color:red"], value: 60}]}
+        vectors:                                   # steering vectors: safetensors, one 1-D tensor
+          honest: {path: vectors/honest.safetensors, hook_name: blocks.2.hook_resid_post}
         engine: {max_running_rows: 16}
         resources: {num_cpus: 1}
 """
