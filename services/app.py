@@ -115,13 +115,14 @@ def start(
 
 
 def check_local_paths(config: ServiceConfig, base_dir: Path) -> None:
-    """Fail fast, before starting Ray, when a local model, SAE or probe path does not exist."""
+    """Fail fast, before starting Ray, when a local model, SAE, probe or steering-vector path does not exist."""
     missing = []
     for n, m in enumerate(config.models):
         spec = m.to_spec(base_dir)
         named = [(f"models.{n}.path", m.path, spec.path)] if not m.demo else []
         named += [(f"models.{n}.saes.{k}.path", s.path, t.path) for k, (s, t) in enumerate(zip(m.saes, spec.saes))]
         named += [(f"models.{n}.risk_probe", m.risk_probe, spec.risk_probe)]
+        named += [(f"models.{n}.vectors.{name}.path", v.path, t.path) for (name, v), t in zip(m.vectors.items(), spec.vectors)]
         missing += [f"  {field}: {resolved} does not exist" for field, given, resolved in named if given and not Path(resolved).exists()]
     if missing:
         hint = "\n(the demo models are built by `make demo-models`)" if any("/models/" in line for line in missing) else ""

@@ -7,11 +7,18 @@
     python -m services.cli encode --model demo-lm "the red cat"
     python -m services.cli generate --model demo-llava --image cat.png "what colour is it"
     python -m services.cli image --model demo-sdxl-turbo --sae mid --set 3=20 --out cat.png "a cat"
+    python -m services.cli generate --model demo-lm --preset red --stop-when animal:cat>4 "the"
+    python -m services.cli generate --model demo-lm --project-cap color:red=0.5 --variant '{"edits": []}' "the"
+    python -m services.cli steering-vector --model demo-lm --sae concepts --positive "the red" --negative "the blue"
     python -m services.cli health
 
 Edits name latents by concept label or index: ``--set color:red=8``, ``--ablate 12``. Without
 ``--sae``, a label is looked up among the model's SAEs (it must be unambiguous); an index needs
-``--sae`` unless the model has one SAE. Errors print the status, then the fields, unknown resource
+``--sae`` unless the model has one SAE. ``--preset NAME`` adds a config preset, ``--vector NAME=V``
+adds a declared steering vector (``--vector-file F=V``: an inline one from a ``steering-vector
+--out`` file), ``--describe TEXT=V`` clamps the latent whose label best matches TEXT,
+``--stop-when LATENT>V`` (or ``<``) ends generation where it holds, and each ``--variant JSON`` (an
+InterventionPlan in proto JSON) runs one more plan beside the request's. Errors print the status, then the fields, unknown resource
 or limit that the service's google.rpc details name; the exit code is 2.
 """
 
@@ -23,14 +30,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from rich.console import Console
 from rich.table import Table
 from steering.v1 import steering_pb2 as pb
 
-from services.client import Generation, SteeringClient, SteeringError, edit, plan
+from services.cli_render import latents_text, print_error, print_generation
+from services.client import Generation, SteeringClient, SteeringError, edit, plan, vector, when
 
-EDIT_FLAGS = ("set", "add", "scale", "cap", "ablate")
+EDIT_FLAGS = ("set", "add", "scale", "cap", "ablate", "project_set", "project_cap")
 
 
 class UsageError(Exception):
@@ -71,67 +79,64 @@ def resolve_sae(client: SteeringClient, model: str, target: int | str, sae: str 
     return owners[0]
 
 
-def build_edits(client: SteeringClient, args: argparse.Namespace) -> list[pb.LatentEdit]:
-    edits, cache = [], {}
+def build_edits(client: SteeringClient, args: argparse.Namespace, cache: dict | None = None) -> list[pb.LatentEdit]:
+    edits, cache = [], {} if cache is None else cache
     for op in EDIT_FLAGS:
         for text in getattr(args, op) or ():
             target, value = parse_target(text, with_value=op != "ablate")
             sae = resolve_sae(client, args.model, target, args.sae, cache)
             edits.append(edit(sae, op, target, value=value, normalize=args.normalize and op == "add"))
+    for text in getattr(args, "describe", None) or ():
+        description, value = parse_target(text, with_value=True)
+        try:
+            sae = resolve_sae(client, args.model, 0, args.sae, cache)  # like an index: --sae, or the model's only SAE
+        except UsageError:
+            raise UsageError(f"--describe {text!r}: name the SAE with --sae (one of {', '.join(cache['saes'])})") from None
+        edits.append(edit(sae, "set", describe=str(description), value=value))
     return edits
 
 
-# -- rendering --------------------------------------------------------------------------------------
+def parse_condition(client: SteeringClient, args: argparse.Namespace, text: str, cache: dict) -> pb.Condition:
+    """``animal:cat>4`` / ``12<0.5`` -> a condition leaf (the SAE found as for edits)."""
+    for sign in (">", "<"):
+        name, sep, value = text.rpartition(sign)
+        if sep and name:
+            try:
+                threshold = float(value)
+            except ValueError:
+                raise UsageError(f"not a number: {value!r} in {text!r}") from None
+            target: int | str = int(name) if name.isdigit() else name
+            sae = resolve_sae(client, args.model, target, args.sae, cache)
+            return when(sae, target, above=threshold) if sign == ">" else when(sae, target, below=threshold)
+    raise UsageError(f"expected LATENT>VALUE or LATENT<VALUE, got {text!r}")
 
 
-def _latents_text(acts: Sequence[pb.LatentActivation]) -> str:
-    return ", ".join(f"{a.label or '#' + str(a.index)} {a.value:.2f}" for a in acts) or "-"
+def build_plan(client: SteeringClient, args: argparse.Namespace, **scope) -> pb.InterventionPlan:
+    """The request's plan from the edit, preset, vector and stop flags."""
+    cache: dict = {}
+    vectors = []
+    for text in args.vector or ():
+        name, value = parse_target(text, with_value=True)
+        vectors.append(vector(str(name), value=value))
+    for text in getattr(args, "vector_file", None) or ():
+        path, value = parse_target(text, with_value=True)
+        try:
+            saved = json.loads(Path(str(path)).read_text())
+            vectors.append(vector(values=saved["values"], site=saved["site"], value=value))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{path}: not a steering-vector file ({err})") from None
+    stop = parse_condition(client, args, args.stop_when, cache) if getattr(args, "stop_when", None) else None
+    return plan(build_edits(client, args, cache), vectors=vectors, presets=args.preset or (), stop_when=stop, **scope)
 
 
-def print_generation(console: Console, response: pb.GenerateResponse) -> None:
-    table = Table(title="Generation", show_lines=True)
-    table.add_column("", style="bold")
-    table.add_column("text")
-    table.add_column("finish")
-    table.add_row("steered" if response.steered else "output", response.completion.text, response.completion.finish_reason)
-    if response.HasField("default_completion"):
-        table.add_row("unsteered", response.default_completion.text, response.default_completion.finish_reason)
-    console.print(table)
-
-    if response.pooled:
-        latents = Table(title="Top latents (pooled over the steered sequence)")
-        for col in ("SAE", "by mean", "by max"):
-            latents.add_column(col)
-        for p in response.pooled:
-            latents.add_row(p.sae, _latents_text(p.top_mean), _latents_text(p.top_max))
-        console.print(latents)
-
-    if response.HasField("risk") or response.HasField("risk_prompt"):
-        risk = Table(title="Hallucination risk")
-        for col in ("when", "score", "top contributing concepts"):
-            risk.add_column(col)
-        for when, field in (("prompt", "risk_prompt"), ("final", "risk")):
-            if response.HasField(field):
-                r = getattr(response, field)
-                concepts = ", ".join(f"{c.label or c.sae + '#' + str(c.latent)} {c.contribution:+.2f}" for c in r.top_concepts)
-                risk.add_row(when, f"{r.score:.3f}", concepts or "-")
-        console.print(risk)
-    t = response.timings
-    console.print(f"[dim]model {response.versions.model} {response.versions.model_version} | queue {t.queue_ms:.1f} ms, "
-                  f"compute {t.compute_ms:.1f} ms, batch {t.batch_size}[/dim]")
-
-
-def print_error(console: Console, err: SteeringError) -> None:
-    """The status, then what its google.rpc details say: the fields at fault, the unknown
-    resource, the limits exceeded."""
-    console.print(f"[red]error[/red] {err.code.name}: {err.details}", highlight=False)
-    for field, description in err.field_violations:
-        console.print(f"  bad field [bold]{field}[/bold]: {description}", highlight=False)
-    if err.resource is not None:
-        kind, name = err.resource
-        console.print(f"  not found: {kind} {name!r}" if name else f"  not found: {kind}", highlight=False)
-    for subject, description in err.quota_violations:
-        console.print(f"  over the limit [bold]{subject}[/bold]: {description}", highlight=False)
+def parse_variants(texts: Sequence[str]) -> list[pb.InterventionPlan]:
+    plans = []
+    for n, text in enumerate(texts or ()):
+        try:
+            plans.append(ParseDict(json.loads(text), pb.InterventionPlan()))
+        except (ValueError, ParseError) as err:
+            raise UsageError(f"--variant {n + 1}: not an InterventionPlan in proto JSON ({err})") from None
+    return plans
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -139,7 +144,8 @@ def print_error(console: Console, err: SteeringError) -> None:
 
 def cmd_generate(client: SteeringClient, args: argparse.Namespace, console: Console) -> None:
     options = dict(
-        intervention=plan(build_edits(client, args), tokens=args.scope, preserve_error=not args.no_preserve_error),
+        intervention=build_plan(client, args, tokens=args.scope, preserve_error=not args.no_preserve_error),
+        variants=parse_variants(args.variant),
         generation=Generation(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
         seed=args.seed,
         include_default=not args.no_default,
@@ -173,7 +179,7 @@ def cmd_image(client: SteeringClient, args: argparse.Namespace, console: Console
     response = client.generate_image(
         args.model,
         args.prompt,
-        intervention=plan(build_edits(client, args), step_start=args.step_start, step_end=args.step_end),
+        intervention=build_plan(client, args, step_start=args.step_start, step_end=args.step_end),
         num_inference_steps=args.steps,
         seed=args.seed,
         include_default=not args.no_default,
@@ -198,16 +204,39 @@ def cmd_list_models(client: SteeringClient, args: argparse.Namespace, console: C
                 str(s.width or ""), "yes" if s.has_labels else "no", ("yes" if m.has_risk_probe else "no") if n == 0 else "",
             )
     console.print(table)
+    for m in client.list_models():
+        if m.presets or m.vectors:
+            vectors = ", ".join(f"{v.name} @ {v.site}" for v in m.vectors) or "-"
+            console.print(f"{m.name}: presets {', '.join(m.presets) or '-'}; vectors {vectors}", highlight=False)
 
 
 def cmd_search(client: SteeringClient, args: argparse.Namespace, console: Console) -> None:
-    features = client.search_features(args.model, args.query, sae=args.sae or "", index=args.index, limit=args.limit)
+    features = client.search_features(args.model, args.query, sae=args.sae or "", index=args.index, limit=args.limit,
+                                      semantic=args.semantic)  # fmt: skip
     table = Table(title=f"Features of {args.model}")
-    for col in ("SAE", "index", "label"):
+    for col in ("SAE", "index", "label", "score"):
         table.add_column(col)
     for f in features:
-        table.add_row(f.sae, str(f.index), f.label or "-")
+        table.add_row(f.sae, str(f.index), f.label or "-", f"{f.score:.3f}" if f.score else "-")
     console.print(table)
+
+
+def cmd_steering_vector(client: SteeringClient, args: argparse.Namespace, console: Console) -> None:
+    response = client.compute_steering_vector(args.model, args.positive, args.negative, site=args.site or "",
+                                              sae=args.sae or "", top_n=args.top_n)  # fmt: skip
+    norm = sum(v * v for v in response.values) ** 0.5
+    console.print(f"steering vector at {response.site}: {len(response.values)} floats, norm {norm:.4f} "
+                  f"({response.n_positive_tokens} positive, {response.n_negative_tokens} negative positions)", highlight=False)
+    if response.closest:
+        table = Table(title=f"Closest {response.sae} decoder rows")
+        for col in ("latent", "label", "cosine"):
+            table.add_column(col)
+        for m in response.closest:
+            table.add_row(str(m.latent), m.label or "-", f"{m.cosine:+.3f}")
+        console.print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"site": response.site, "values": list(response.values)}))
+        console.print(f"wrote {args.out} (use it with generate --vector-file {args.out}=VALUE)")
 
 
 def cmd_encode(client: SteeringClient, args: argparse.Namespace, console: Console) -> None:
@@ -217,7 +246,7 @@ def cmd_encode(client: SteeringClient, args: argparse.Namespace, console: Consol
     table.add_column("token")
     table.add_column("latents")
     for p in response.latents:
-        table.add_row(str(p.position), p.token, " | ".join(f"{s.sae}: {_latents_text(s.before)}" for s in p.saes))
+        table.add_row(str(p.position), p.token, " | ".join(f"{s.sae}: {latents_text(s.before)}" for s in p.saes))
     console.print(table)
     if response.HasField("risk"):
         console.print(f"risk {response.risk.score:.3f}")
@@ -235,7 +264,16 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", action="append", metavar="LATENT=V", help="multiply a latent by V")
     p.add_argument("--cap", action="append", metavar="LATENT=V", help="cap a latent at V")
     p.add_argument("--ablate", action="append", metavar="LATENT", help="zero a latent")
+    p.add_argument("--project-set", dest="project_set", action="append", metavar="LATENT=V",
+                   help="set the activation's component along the latent's decoder direction to V")
+    p.add_argument("--project-cap", dest="project_cap", action="append", metavar="LATENT=V",
+                   help="cap the activation's component along the latent's decoder direction at V")
+    p.add_argument("--describe", action="append", metavar="TEXT=V", help="clamp the latent whose label best matches TEXT to V")
     p.add_argument("--normalize", action="store_true", help="--add values are fractions of the activation norm")
+    p.add_argument("--preset", action="append", metavar="NAME", help="a preset from the model's config (list-models)")
+    p.add_argument("--vector", action="append", metavar="NAME=V", help="add V times a declared steering vector")
+    p.add_argument("--vector-file", dest="vector_file", action="append", metavar="FILE=V",
+                   help="add V times the vector a steering-vector --out file holds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-default", action="store_true", help="skip the unsteered twin")
 
@@ -258,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--readout", dest="sae_readout", action="append", metavar="SAE", help="SAEs to read (default: all)")
     g.add_argument("--mitigate", type=int, default=0, metavar="N", help="ablate the N most risk-positive latents")
     g.add_argument("--image", metavar="PNG_OR_JPEG", help="an image for a LLaVA model (GenerateMultimodal)")
+    g.add_argument("--stop-when", dest="stop_when", metavar="LATENT>V", help="stop where a latent is above (>) or below (<) V")
+    g.add_argument("--variant", action="append", metavar="JSON", help="one more plan (proto JSON) run beside the request's")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true", help="print the response as JSON")
     g.set_defaults(func=cmd_generate)
@@ -278,8 +318,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sae")
     s.add_argument("--index", type=int)
     s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank by meaning (--no-semantic: label substring; default: the service's choice)")
     s.add_argument("query", nargs="?", default="")
     s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("steering-vector", help="DiffMean steering vector between two prompt sets")
+    v.add_argument("--model", required=True)
+    v.add_argument("--positive", action="append", required=True, metavar="PROMPT")
+    v.add_argument("--negative", action="append", required=True, metavar="PROMPT")
+    v.add_argument("--site", help="hook site (default: the --sae's site)")
+    v.add_argument("--sae", help="compare with this SAE's decoder rows")
+    v.add_argument("--top-n", type=int, default=5)
+    v.add_argument("--out", metavar="JSON", help="write {site, values} for generate --vector-file")
+    v.set_defaults(func=cmd_steering_vector)
 
     e = sub.add_parser("encode", help="top latents of a text, no generation")
     e.add_argument("--model", required=True)

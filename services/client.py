@@ -7,6 +7,13 @@
                               generation=Generation(max_new_tokens=12), include_default=True, seed=0)
         print(out.completion.text, "| unsteered:", out.default_completion.text, "| risk:", out.risk.score)
 
+        # a strength sweep in one call, a preset, an inline steering vector, a stop condition
+        sweep = client.generate("demo-lm", "the", variants=[plan([edit("concepts", "set", "color:red", value=v)])
+                                                            for v in (10, 30, 60)], seed=0)
+        red = client.generate("demo-lm", "the", presets=["red"], stop_when=when("concepts", "animal:cat", above=4.0))
+        d = client.compute_steering_vector("demo-lm", ["the red"], ["the blue"], sae="concepts")
+        client.generate("demo-lm", "the", vectors=[vector(values=d.values, site=d.site, value=4.0)])
+
 Methods return the response proto messages (typed by the generated ``.pyi`` stubs). Failures
 raise :class:`SteeringError` with the gRPC status ``code``, the ``details``, the request ``field``
 they name, and the structured details the service sends in ``grpc-status-details-bin``
@@ -35,7 +42,11 @@ OPS = {
     "scale": pb.EDIT_OP_SCALE,
     "add": pb.EDIT_OP_ADD,
     "cap": pb.EDIT_OP_CAP,
+    "project_set": pb.EDIT_OP_PROJECT_SET,
+    "project_cap": pb.EDIT_OP_PROJECT_CAP,
 }
+#: Ops a steering vector takes.
+VECTOR_OPS = ("add", "project_set", "project_cap")
 TOKEN_SCOPES = {"all": pb.TOKEN_SCOPE_ALL, "prompt": pb.TOKEN_SCOPE_PROMPT, "generated": pb.TOKEN_SCOPE_GENERATED}
 
 
@@ -80,18 +91,76 @@ class SteeringError(Exception):
         return cls(err.code(), err.details() or "", status)
 
 
-def edit(sae: str, op: str, *targets: int | str, value: float = 0.0, normalize: bool = False) -> pb.LatentEdit:
-    """One latent edit; ``targets`` are latent indices (int) or concept labels (str)."""
+def edit(
+    sae: str,
+    op: str,
+    *targets: int | str,
+    value: float = 0.0,
+    normalize: bool = False,
+    condition: pb.Condition | None = None,
+    describe: str = "",
+    top_n: int = 0,
+) -> pb.LatentEdit:
+    """One latent edit; ``targets`` are latent indices (int) or concept labels (str); ``describe``
+    names latents by meaning instead (the ``top_n`` best-matching labels); ``condition`` (see
+    :func:`when`) limits it to the positions where it holds."""
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    return pb.LatentEdit(
+    msg = pb.LatentEdit(
         sae=sae,
         op=OPS[op],
         latents=[t for t in targets if isinstance(t, int)],
         labels=[t for t in targets if isinstance(t, str)],
         value=value,
         normalize=normalize,
+        describe=describe,
+        top_n=top_n,
     )
+    if condition is not None:
+        msg.condition.CopyFrom(condition)
+    return msg
+
+
+def when(sae: str, latent: int | str, *, above: float | None = None, below: float | None = None) -> pb.Condition:
+    """A condition leaf: latent (index or label) of ``sae`` above (or below) a threshold."""
+    if (above is None) == (below is None):
+        raise ValueError("give exactly one of above= or below=")
+    msg = pb.Condition(sae=sae, compare=pb.COMPARE_ABOVE if above is not None else pb.COMPARE_BELOW,
+                       threshold=above if above is not None else below)  # fmt: skip
+    if isinstance(latent, int):
+        msg.latent = latent
+    else:
+        msg.label = latent
+    return msg
+
+
+def all_of(*conditions: pb.Condition) -> pb.Condition:
+    """True where every condition holds (AND)."""
+    return pb.Condition(all_of=list(conditions))
+
+
+def any_of(*conditions: pb.Condition) -> pb.Condition:
+    """True where any condition holds (OR)."""
+    return pb.Condition(any_of=list(conditions))
+
+
+def vector(
+    name: str = "",
+    *,
+    values: Sequence[float] = (),
+    site: str = "",
+    op: str = "add",
+    value: float = 1.0,
+    normalize: bool = False,
+    condition: pb.Condition | None = None,
+) -> pb.VectorEdit:
+    """A steering-vector edit: a declared vector by ``name``, or inline ``values`` at ``site``."""
+    if op not in VECTOR_OPS:
+        raise ValueError(f"a vector op is one of {', '.join(VECTOR_OPS)}, got {op!r}")
+    msg = pb.VectorEdit(vector=name, values=list(values), site=site, op=OPS[op], value=value, normalize=normalize)
+    if condition is not None:
+        msg.condition.CopyFrom(condition)
+    return msg
 
 
 def plan(
@@ -101,8 +170,14 @@ def plan(
     preserve_error: bool = True,
     step_start: int = 0,
     step_end: int | None = None,
+    vectors: Iterable[pb.VectorEdit] = (),
+    presets: Sequence[str] = (),
+    stop_when: pb.Condition | None = None,
 ) -> pb.InterventionPlan:
-    msg = pb.InterventionPlan(edits=list(edits), preserve_error=preserve_error)
+    """An InterventionPlan: latent edits, steering vectors, presets by name, a stop condition."""
+    msg = pb.InterventionPlan(edits=list(edits), preserve_error=preserve_error, vectors=list(vectors), presets=list(presets))
+    if stop_when is not None:
+        msg.stop_when.CopyFrom(stop_when)
     msg.scope.tokens = TOKEN_SCOPES[tokens]
     msg.scope.step_start = step_start
     if step_end is not None:
@@ -179,6 +254,10 @@ class SteeringClient:
         *,
         edits: Iterable[pb.LatentEdit] = (),
         intervention: pb.InterventionPlan | None = None,
+        vectors: Iterable[pb.VectorEdit] = (),
+        presets: Sequence[str] = (),
+        stop_when: pb.Condition | None = None,
+        variants: Iterable[pb.InterventionPlan] = (),
         messages: Sequence[tuple[str, str]] = (),
         generation: Generation = Generation(),
         seed: int | None = None,
@@ -190,13 +269,18 @@ class SteeringClient:
         image: bytes | None = None,
     ) -> pb.GenerateRequest | pb.GenerateMultimodalRequest:
         """A GenerateRequest (a GenerateMultimodalRequest when ``image`` is given).
-        ``return_latents``: True = every SAE, or a list of SAE names."""
+        ``return_latents``: True = every SAE, or a list of SAE names. The plan is ``intervention``,
+        or one built from ``edits``, ``vectors``, ``presets`` and ``stop_when``; ``variants``: more
+        plans run beside it (one ``response.variants`` entry each)."""
         cls = pb.GenerateRequest if image is None else pb.GenerateMultimodalRequest
+        if intervention is not None and (list(edits) or list(vectors) or list(presets) or stop_when is not None):
+            raise ValueError("give intervention or edits/vectors/presets/stop_when, not both")
         msg = cls(
             model=model,
             prompt=prompt,
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
-            plan=intervention if intervention is not None else plan(edits),
+            plan=intervention if intervention is not None else plan(edits, vectors=vectors, presets=presets, stop_when=stop_when),
+            variants=list(variants),
             params=generation.to_proto(),
             include_default=include_default,
             return_logprobs=return_logprobs,
@@ -277,12 +361,25 @@ class SteeringClient:
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
 
     def search_features(
-        self, model: str, query: str = "", *, sae: str = "", index: int | None = None, limit: int = 20
+        self, model: str, query: str = "", *, sae: str = "", index: int | None = None, limit: int = 20,
+        semantic: bool | None = None,
     ) -> list[pb.Feature]:
+        """Latents by label substring, by meaning (``semantic=True``; None = the service's default) or index."""
         msg = pb.SearchFeaturesRequest(model=model, sae=sae, query=query, limit=limit)
         if index is not None:
             msg.index = index
+        if semantic is not None:
+            msg.semantic = semantic
         return list(self._call(self._stub.SearchFeatures, msg).features)
+
+    def compute_steering_vector(
+        self, model: str, positive: Sequence[str], negative: Sequence[str], *, site: str = "", sae: str = "", top_n: int = 0
+    ) -> pb.ComputeSteeringVectorResponse:
+        """DiffMean of the activations at ``site`` (default: ``sae``'s site) between two prompt
+        sets; with ``sae``, its ``top_n`` decoder rows closest by cosine."""
+        msg = pb.ComputeSteeringVectorRequest(model=model, positive=list(positive), negative=list(negative), site=site,
+                                              sae=sae, top_n=top_n)  # fmt: skip
+        return self._call(self._stub.ComputeSteeringVector, msg)
 
     def health(self, service: str = "") -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""

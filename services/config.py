@@ -19,6 +19,10 @@ Example (configs/demo.yaml)::
           - {name: concepts, path: ../models/demo-lm/saes/concepts}
           - {name: kv, ffkv: {layer: 2, k: 32}}   # the MLP's own neurons (FF-KV), no file
         risk_probe: ../models/demo-lm/risk
+        presets:                                   # named plans, written as a request's plan in proto JSON
+          red: {edits: [{sae: concepts, op: EDIT_OP_SET, labels: ["color:red"], value: 60}]}
+        vectors:                                   # steering vectors: safetensors, one 1-D tensor
+          honest: {path: vectors/honest.safetensors, hook_name: blocks.2.hook_resid_post}
         engine: {max_running_rows: 16}
         resources: {num_cpus: 1}
 """
@@ -35,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
+from services.config_steering import PRESET_KEYS, VectorEntry, check_preset_names, preset_plan  # noqa: F401 - re-exported
 
 #: The import path of the application builder, for Serve config files.
 APP_IMPORT_PATH = "services.app:build_app"
@@ -177,6 +182,9 @@ class LimitsEntry(_Strict):
     max_image_bytes: int = Field(Limits.max_image_bytes, ge=1)
     max_image_side: int = Field(Limits.max_image_side, ge=8)
     max_inference_steps: int = Field(Limits.max_inference_steps, ge=1)
+    max_inline_vector_dims: int = Field(Limits.max_inline_vector_dims, ge=0)
+    max_variants: int = Field(Limits.max_variants, ge=0)
+    max_vector_prompts: int = Field(Limits.max_vector_prompts, ge=1)
 
 
 class EngineEntry(_Strict):
@@ -229,11 +237,30 @@ class ModelConfig(_Located):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingEntry | None = None  # replaces num_replicas when set
     max_ongoing_requests: int = Field(32, ge=1)
+    #: Steering vectors by name (VectorEdit.vector).
+    vectors: dict[str, VectorEntry] = Field(default_factory=dict)
+    #: Named plans by name (InterventionPlan.presets), each as a request's plan in proto JSON.
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _check_name(value)
+
+    @field_validator("vectors", "presets")
+    @classmethod
+    def _valid_keys(cls, value: dict) -> dict:
+        for key in value:
+            _check_name(key)
+        return value
+
+    @field_validator("presets", mode="before")
+    @classmethod
+    def _valid_presets(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, body in value.items():
+                preset_plan(str(name), body)
+        return value
 
     @field_validator("device")
     @classmethod
@@ -257,6 +284,9 @@ class ModelConfig(_Located):
             raise ValueError("max_ongoing_requests must be >= engine.max_running_rows, or the running rows never fill")
         if self.device.startswith("cuda") and self.resources.num_gpus <= 0:
             raise ValueError("device 'cuda' needs resources.num_gpus > 0")
+        if self.presets and not self.demo:
+            for name, body in self.presets.items():
+                check_preset_names(preset_plan(name, body), name, set(names), set(self.vectors))
         return self
 
     def to_spec(self, base_dir: Path) -> ModelSpec:
@@ -276,6 +306,8 @@ class ModelConfig(_Located):
             device=self.device,
             limits=Limits(**self.limits.model_dump()),
             engine=EngineConfig(**self.engine.model_dump()),
+            vectors=tuple(v.to_spec(name, base_dir) for name, v in self.vectors.items()),
+            presets=tuple((name, preset_plan(name, body)) for name, body in self.presets.items()),
         )
 
     def deployment_options(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """proto <-> sae_runtime: the one module that knows both the wire messages and the library specs.
 
-Requests go proto -> ``TextRequest`` / ``ImageRequest`` / ``EncodeRequest`` (structural checks
-only: enums and mask shape; everything else is validated by ``Backend.validate``), results go
-``TextResult`` / ``ImageResult`` / ``EncodeResult`` -> proto. Field names in errors are the
+Requests go proto -> ``TextRequest`` / ``ImageRequest`` / ``EncodeRequest`` /
+``SteeringVectorRequest`` (structural checks only: enums, mask shape, condition trees, variant
+and inline-vector counts; everything else is validated by ``Backend.validate``), results go
+``TextResult`` / ``ImageResult`` / ``EncodeResult`` / ``SteeringVectorResult`` -> proto. Plans
+(edits, conditions, vectors, presets) convert both ways in :mod:`services.convert_plan`. Field names in errors are the
 proto's: :func:`proto_field` renames the library's dataclass fields (``sampling.top_p`` ->
 ``params.top_p``).
 """
@@ -12,25 +14,18 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Sequence
 
-import torch
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.backends import types as rt
-from sae_runtime.errors import InvalidArgument
-from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, TokenScope, VisionScope
+from sae_runtime.backends.spec import Limits
+from sae_runtime.errors import InvalidArgument, NotFound, TooLarge
+from sae_runtime.plan import ReadoutSpec
+from services.convert_plan import check_plan_limits, plan_from_proto, plan_to_proto  # noqa: F401 - plan_* are this module's API too
 
 DEFAULT_TOP_K = 5
-
-_OPS = {
-    pb.EDIT_OP_SET: EditOp.SET,
-    pb.EDIT_OP_ABLATE: EditOp.ABLATE,
-    pb.EDIT_OP_SCALE: EditOp.SCALE,
-    pb.EDIT_OP_ADD: EditOp.ADD,
-    pb.EDIT_OP_CAP: EditOp.CAP,
-}
-_TOKEN_SCOPES = {pb.TOKEN_SCOPE_ALL: TokenScope.ALL, pb.TOKEN_SCOPE_PROMPT: TokenScope.PROMPT, pb.TOKEN_SCOPE_GENERATED: TokenScope.GENERATED}
-_VISION_SCOPES = {pb.VISION_SCOPE_ALL: VisionScope.ALL, pb.VISION_SCOPE_CLS: VisionScope.CLS}
-_CFG_HALVES = {pb.CFG_HALF_BOTH: CfgHalf.BOTH, pb.CFG_HALF_COND: CfgHalf.COND, pb.CFG_HALF_UNCOND: CfgHalf.UNCOND}
+#: ComputeSteeringVector's default and largest top_n.
+DEFAULT_VECTOR_TOP_N = 5
+MAX_VECTOR_TOP_N = 256
 
 #: Library field name (prefix) -> proto field name, longest first.
 _FIELD_RENAMES = (
@@ -54,50 +49,6 @@ def proto_field(field: str | None) -> str | None:
 # -- requests -----------------------------------------------------------------------------------
 
 
-def _enum(table: dict, value: int, field: str):
-    try:
-        return table[value]
-    except KeyError:
-        raise InvalidArgument(f"unknown or unspecified value {value}", field=field) from None
-
-
-def _mask(msg: pb.Mask, field: str) -> torch.Tensor | None:
-    if not msg.height and not msg.width and not msg.values:
-        return None
-    if msg.height * msg.width != len(msg.values) or msg.height == 0:
-        raise InvalidArgument(
-            f"needs height * width values ({msg.height} * {msg.width}), got {len(msg.values)}", field=field
-        )
-    return torch.tensor(list(msg.values), dtype=torch.float32).reshape(msg.height, msg.width)
-
-
-def plan_from_proto(msg: pb.InterventionPlan, field: str = "plan") -> InterventionPlan:
-    edits = []
-    for n, e in enumerate(msg.edits):
-        f = f"{field}.edits[{n}]"
-        edits.append(
-            LatentEdit(
-                sae=e.sae,
-                op=_enum(_OPS, e.op, f"{f}.op"),
-                latents=tuple(int(i) for i in e.latents),
-                labels=tuple(e.labels),
-                value=float(e.value),
-                normalize=e.normalize,
-            )
-        )
-    s = msg.scope
-    scope = Scope(
-        tokens=_enum(_TOKEN_SCOPES, s.tokens, f"{field}.scope.tokens"),
-        vision=_enum(_VISION_SCOPES, s.vision, f"{field}.scope.vision"),
-        mask=_mask(s.mask, f"{field}.scope.mask") if s.HasField("mask") else None,
-        step_start=s.step_start,
-        step_end=s.step_end if s.HasField("step_end") else None,
-        cfg_half=_enum(_CFG_HALVES, s.cfg_half, f"{field}.scope.cfg_half"),
-    )
-    preserve = msg.preserve_error if msg.HasField("preserve_error") else True
-    return InterventionPlan(edits=tuple(edits), scope=scope, preserve_error=preserve)
-
-
 def readout_from_proto(msg: pb.LatentReadout, all_saes: Sequence[str]) -> ReadoutSpec:
     return ReadoutSpec(saes=tuple(msg.saes) or tuple(all_saes), top_k=msg.top_k or DEFAULT_TOP_K)
 
@@ -119,10 +70,17 @@ def sampling_from_proto(params: pb.GenerationParams, seed: int | None, max_new_t
 
 
 def text_request_from_proto(
-    msg: pb.GenerateRequest | pb.GenerateMultimodalRequest, all_saes: Sequence[str], max_new_tokens_limit: int | None = None
+    msg: pb.GenerateRequest | pb.GenerateMultimodalRequest,
+    all_saes: Sequence[str],
+    max_new_tokens_limit: int | None = None,
+    limits: Limits | None = None,
 ) -> rt.TextRequest:
-    """A GenerateRequest (or GenerateMultimodalRequest, which adds ``image``) as a TextRequest."""
+    """A GenerateRequest (or GenerateMultimodalRequest, which adds ``image``) as a TextRequest.
+    With ``limits``: TooLarge for too many variants or inline vector floats (checked before the
+    plans are converted)."""
     image = bytes(msg.image) if isinstance(msg, pb.GenerateMultimodalRequest) else None
+    if limits is not None:
+        check_plan_limits([("plan", msg.plan), *((f"variants[{n}]", v) for n, v in enumerate(msg.variants))], limits)
     return rt.TextRequest(
         prompt=msg.prompt,
         messages=tuple(rt.ChatMessage(role=m.role, content=m.content) for m in msg.messages),
@@ -134,6 +92,7 @@ def text_request_from_proto(
         logprobs=msg.return_logprobs,
         mitigate_risk_top_n=msg.mitigate_risk_top_n,
         mitigation=mitigation_from_proto(msg.mitigation) if msg.HasField("mitigation") else None,
+        variants=tuple(plan_from_proto(v, f"variants[{n}]") for n, v in enumerate(msg.variants)),
     )
 
 
@@ -170,6 +129,8 @@ def encode_request_from_proto(msg: pb.EncodeRequest, all_saes: Sequence[str]) ->
 
 
 def is_steered(request: rt.TextRequest | rt.ImageRequest) -> bool:
+    """The request's own plan edits something (variants do not count: ``steered`` is about
+    ``completion``), or it asks for risk mitigation."""
     return not request.plan.is_empty or bool(getattr(request, "mitigate_risk_top_n", 0)) or bool(getattr(request, "mitigation", None))
 
 
@@ -220,7 +181,20 @@ def token_to_proto(t: rt.GeneratedToken) -> pb.Token:
 
 
 def completion_to_proto(c: rt.Completion) -> pb.Completion:
-    return pb.Completion(text=c.text, tokens=[token_to_proto(t) for t in c.tokens], finish_reason=c.finish_reason)
+    msg = pb.Completion(text=c.text, tokens=[token_to_proto(t) for t in c.tokens], finish_reason=c.finish_reason)
+    hit = c.stopped_by
+    if hit is not None:
+        msg.stopped_by.CopyFrom(pb.ConditionHit(position=hit.position, sae=hit.sae, latent=hit.latent, value=hit.value))
+    return msg
+
+
+def variant_to_proto(v: rt.VariantResult) -> pb.VariantCompletion:
+    msg = pb.VariantCompletion(completion=completion_to_proto(v.completion))
+    if v.risk_final is not None:
+        msg.risk.CopyFrom(risk_to_proto(v.risk_final))
+    if v.plan is not None:
+        msg.plan.CopyFrom(plan_to_proto(v.plan))
+    return msg
 
 
 def versions_of(info: rt.ModelInfo, risk_probe: str | None) -> pb.Versions:
@@ -244,7 +218,10 @@ def text_result_to_proto(
         steered=steered,
         vision_latents=_positions(result.vision_latents),
         mitigation=result.mitigation,
+        variants=[variant_to_proto(v) for v in result.variants],
     )
+    if result.plan is not None:
+        msg.plan.CopyFrom(plan_to_proto(result.plan))
     if result.default is not None:
         msg.default_completion.CopyFrom(completion_to_proto(result.default))
     if result.risk_prompt is not None:
@@ -318,6 +295,8 @@ def model_info_to_proto(info: rt.ModelInfo, versions: pb.Versions | None = None)
         ],
         has_risk_probe=info.has_risk_probe,
         version=info.version,
+        presets=list(info.presets),
+        vectors=[pb.SteeringVectorInfo(name=name, site=str(site)) for name, site in info.vectors],
     )
     if versions is not None:
         msg.version = versions.model_version
@@ -341,3 +320,62 @@ def evaluate_sae_result_to_proto(m: Any, *, timings: pb.Timings, versions: pb.Ve
         msg.loss_recovered, msg.loss_clean = m.loss_recovered, m.loss_clean
         msg.loss_with_sae, msg.loss_zero_ablated = m.loss_with_dict, m.loss_zero_ablated
     return msg
+
+
+def feature_to_proto(f: rt.FeatureMatch) -> pb.Feature:
+    """A SearchFeatures hit; ``score`` is the semantic search's cosine (0 for label substring)."""
+    return pb.Feature(sae=f.sae, index=f.index, label=f.label, score=float(getattr(f, "score", 0.0)))
+
+
+def search_options_from_proto(msg: pb.SearchFeaturesRequest) -> dict[str, Any]:
+    """Keyword arguments of ``search_features`` beyond query, sae, index and limit: ``semantic``
+    only when the request sets it (unset = the library's default)."""
+    return {"semantic": msg.semantic} if msg.HasField("semantic") else {}
+
+
+def _prompt_set(prompts: Sequence[str], field: str, limit: int) -> tuple[str, ...]:
+    if not prompts:
+        raise InvalidArgument("needs at least one prompt", field=field)
+    if len(prompts) > limit:
+        raise TooLarge(f"{len(prompts)} prompts exceed the limit of {limit}", field=field)
+    for n, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise InvalidArgument("a prompt is a non-empty string", field=f"{field}[{n}]")
+    return tuple(prompts)
+
+
+def steering_vector_request_from_proto(
+    msg: pb.ComputeSteeringVectorRequest, limits: Limits, sae_sites: dict[str, str]
+) -> rt.SteeringVectorRequest:
+    """A SteeringVectorRequest: both prompt sets non-empty, at most ``limits.max_vector_prompts``
+    non-empty strings each; an empty ``site`` is the hook site of ``sae`` (``sae_sites``: SAE name
+    -> hook name). NotFound names ``sae``; the backend checks the site and the prompts' lengths."""
+    positive = _prompt_set(list(msg.positive), "positive", limits.max_vector_prompts)
+    negative = _prompt_set(list(msg.negative), "negative", limits.max_vector_prompts)
+    if msg.sae and msg.sae not in sae_sites:
+        raise NotFound(f"unknown SAE {msg.sae!r} (available: {', '.join(sorted(sae_sites)) or 'none'})", field="sae")
+    site = msg.site or (sae_sites[msg.sae] if msg.sae else "")
+    if not site:
+        raise InvalidArgument("name the hook site (or an SAE, whose site is used)", field="site")
+    if not 0 <= msg.top_n <= MAX_VECTOR_TOP_N:
+        raise InvalidArgument(f"must be in [0, {MAX_VECTOR_TOP_N}] (0 = {DEFAULT_VECTOR_TOP_N})", field="top_n")
+    return rt.SteeringVectorRequest(positive=positive, negative=negative, site=site, sae=msg.sae,
+                                    top_n=msg.top_n or DEFAULT_VECTOR_TOP_N)  # fmt: skip
+
+
+def steering_vector_result_to_proto(
+    result: rt.SteeringVectorResult, *, timings: pb.Timings, versions: pb.Versions
+) -> pb.ComputeSteeringVectorResponse:
+    """The response; the direction tensor is read out as floats (no math)."""
+    direction = result.direction
+    values = direction.detach().reshape(-1).tolist() if hasattr(direction, "detach") else [float(x) for x in direction]
+    return pb.ComputeSteeringVectorResponse(
+        site=str(result.site),
+        values=values,
+        n_positive_tokens=result.n_positive_tokens,
+        n_negative_tokens=result.n_negative_tokens,
+        sae=result.sae,
+        closest=[pb.DecoderMatch(latent=int(i), label=label or "", cosine=float(cos)) for i, label, cos in result.closest],
+        timings=timings,
+        versions=versions,
+    )

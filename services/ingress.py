@@ -140,6 +140,14 @@ class SteeringIngress:
             "EvaluateSae", request.model, grpc_context, pb.EvaluateSaeResponse, lambda h, t: h.evaluate_sae.remote(request, t)
         )
 
+    async def ComputeSteeringVector(
+        self, request: pb.ComputeSteeringVectorRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ComputeSteeringVectorResponse:
+        return await self._unary(
+            "ComputeSteeringVector", request.model, grpc_context, pb.ComputeSteeringVectorResponse,
+            lambda h, t: h.compute_steering_vector.remote(request, t),
+        )
+
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Relay the model deployment's token stream. An error sets the status and ends the stream
         (raised, because a stream that yielded nothing cannot carry a status otherwise)."""

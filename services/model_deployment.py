@@ -7,8 +7,9 @@ engine (:mod:`sae_runtime.engine`) on a thread of the replica: Generate and Gene
 requests are submitted to it and join the running rows at the next step; token events come back
 from the engine thread into this replica's event loop as they are produced. A client that goes
 away cancels its request, which leaves at the next step boundary. Image models run request-level
-batches (:class:`sae_runtime.engine.images.ImageBatches`) on the same queue discipline. Encode
-runs on the engine's thread between steps (the engine's hooks share the model's modules).
+batches (:class:`sae_runtime.engine.images.ImageBatches`) on the same queue discipline. Encode,
+EvaluateSae and ComputeSteeringVector run on the engine's thread between steps (the engine's
+hooks share the model's modules).
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class ModelServer:
                 raise
             raise type(err)(err.message, field=renamed) from None
 
+    def _text_request(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest) -> rt.TextRequest:
+        limits = self.spec.limits
+        return convert.text_request_from_proto(request, self.sae_names, limits.max_new_tokens, limits)
+
     def _timings(self, timings: rt.Timings, received_at: float) -> pb.Timings:
         return pb.Timings(
             queue_ms=timings.queue_ms,
@@ -163,7 +168,7 @@ class ModelServer:
     async def generate(self, request: pb.GenerateRequest | pb.GenerateMultimodalRequest, received_at: float) -> pb.GenerateResponse:
         multimodal = isinstance(request, pb.GenerateMultimodalRequest)
         self._require_kind(MULTIMODAL_KINDS if multimodal else TEXT_KINDS, "GenerateMultimodal" if multimodal else "Generate")
-        prepared = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
+        prepared = self._validated(self._text_request(request))
         result: rt.TextResult | None = None
         async for event in self._text_events(prepared, stream=False):
             result = event.result
@@ -176,7 +181,7 @@ class ModelServer:
     async def generate_stream(self, request: pb.GenerateRequest, received_at: float) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Token events as the engine makes them ready; the last message carries the full response."""
         self._require_kind(TEXT_KINDS, "GenerateStream")
-        prepared = self._validated(convert.text_request_from_proto(request, self.sae_names, self.spec.limits.max_new_tokens))
+        prepared = self._validated(self._text_request(request))
         steered = convert.is_steered(prepared.request)
         async for event in self._text_events(prepared, stream=True):
             if event.result is None:
@@ -224,14 +229,27 @@ class ModelServer:
         self._observe("evaluate_sae", timings)
         return convert.evaluate_sae_result_to_proto(result, timings=timings, versions=self.versions)
 
+    async def compute_steering_vector(self, request: pb.ComputeSteeringVectorRequest, received_at: float) -> pb.ComputeSteeringVectorResponse:
+        """DiffMean between two prompt sets at a hook site. Like ``encode``, the backend's method runs
+        its forwards on the engine's thread between steps (it waits on ``engine.call``), so it is
+        called from a worker thread here, never from the engine's own."""
+        self._require_kind(TEXT_KINDS, "ComputeSteeringVector")
+        sites = {s.name: s.hook_name for s in self.info.saes}
+        vector_request = convert.steering_vector_request_from_proto(request, self.spec.limits, sites)
+        started = time.time()
+        result = await asyncio.to_thread(self.backend.compute_steering_vector, vector_request)
+        timings = self._timings(rt.Timings(compute_ms=(time.time() - started) * 1e3), received_at)
+        self._observe("compute_steering_vector", timings)
+        return convert.steering_vector_result_to_proto(result, timings=timings, versions=self.versions)
+
     def model_info(self) -> pb.ModelInfo:
         return convert.model_info_to_proto(self.info, self.versions)
 
     def search_features(self, request: pb.SearchFeaturesRequest) -> pb.SearchFeaturesResponse:
-        """Labelled latents whose label contains ``query`` (case-insensitive), or the latent ``index``."""
+        """Labelled latents by meaning or by label substring (case-insensitive), or the latent ``index``."""
         found = rt.search_features(self.backend, request.query, request.sae, request.index if request.HasField("index") else None,
-                                   request.limit or DEFAULT_SEARCH_LIMIT)
-        return pb.SearchFeaturesResponse(features=[pb.Feature(sae=f.sae, index=f.index, label=f.label) for f in found])
+                                   request.limit or DEFAULT_SEARCH_LIMIT, **convert.search_options_from_proto(request))
+        return pb.SearchFeaturesResponse(features=[convert.feature_to_proto(f) for f in found])
 
     def ready(self) -> bool:
         return True

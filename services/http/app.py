@@ -45,6 +45,7 @@ UNARY_RPCS = {
     "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse),
     "SearchFeatures": (pb.SearchFeaturesRequest, pb.SearchFeaturesResponse),
     "EvaluateSae": (pb.EvaluateSaeRequest, pb.EvaluateSaeResponse),
+    "ComputeSteeringVector": (pb.ComputeSteeringVectorRequest, pb.ComputeSteeringVectorResponse),
 }
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

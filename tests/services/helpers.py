@@ -22,7 +22,16 @@ VLM = "vlm"
 VLM_SAE = "vis"
 VLM_HOOK = "vision.layers.1"  # hidden_states[-2] of the tiny 3-layer CLIP tower: what the projector reads
 VLM_LABELS = {"shape:round": 2, "color:green": 6}
-LM_LIMITS = {"max_new_tokens": 24, "max_prompt_tokens": 64, "max_edits": 16, "max_batch_size": 16}
+LM_LIMITS = {"max_new_tokens": 24, "max_prompt_tokens": 64, "max_edits": 16, "max_batch_size": 16,
+             "max_inline_vector_dims": 64, "max_variants": 4, "max_vector_prompts": 8}
+#: The LM's declared steering vector (a seeded random direction, file written by build_artifacts).
+LM_VECTOR = "shift"
+LM_VECTOR_KEY = "direction"
+#: The LM's presets, written as request plans in proto JSON (configs: ``presets:``).
+LM_PRESETS = {
+    "red": {"edits": [{"sae": LM_SAE, "op": "EDIT_OP_SET", "labels": ["color:red"], "value": 8.0}]},
+    "shifted": {"vectors": [{"vector": LM_VECTOR, "op": "EDIT_OP_ADD", "value": 2.0}]},
+}
 
 
 def free_port() -> int:
@@ -52,6 +61,8 @@ def service_config(grpc_port: int, http_port: int = 8000) -> dict:
                 "saes": [{"name": LM_SAE, "path": f"saes/{LM_SAE}", "format": "native"}],
                 "risk_probe": "risk",
                 "limits": LM_LIMITS,
+                "vectors": {LM_VECTOR: {"path": f"vectors/{LM_VECTOR}.safetensors", "hook_name": LM_HOOK, "tensor_key": LM_VECTOR_KEY}},
+                "presets": LM_PRESETS,
                 "engine": {"max_running_rows": 16},
                 "resources": small,
                 "max_ongoing_requests": 64,
@@ -104,6 +115,14 @@ def png_bytes(seed: int, size: int = 20) -> bytes:
     return buf.getvalue()
 
 
+def save_vector(path: Path, direction: torch.Tensor) -> None:
+    """A steering-vector file as the config declares them: safetensors, one 1-D tensor."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({LM_VECTOR_KEY: direction.float().contiguous()}, str(path))
+
+
 def build_artifacts(root: Path) -> Path:
     """Under ``root``: a tiny Llama LM (+ SAE, risk probe), a tiny LLaVA (+ vision SAE) and a tiny
     SDXL-Turbo (+ U-Net SAE), saved as users ship them."""
@@ -114,6 +133,7 @@ def build_artifacts(root: Path) -> Path:
 
     build_tiny_causal_lm(root / "lm", "llama", seed=0, hidden_size=32, num_layers=2, init_std=0.1)
     save_native(random_sae(32, 64, LM_HOOK, labels=LM_LABELS, seed=1), root / "saes" / LM_SAE)
+    save_vector(root / "vectors" / f"{LM_VECTOR}.safetensors", torch.randn(32, generator=torch.Generator().manual_seed(5)))
     random_probe(LM_SAE, 64, labels=LM_LABELS, seed=2).save(root / "risk")
     build_tiny_llava(root / "llava", seed=0)
     save_native(random_sae(32, 64, VLM_HOOK, labels=VLM_LABELS, seed=4), root / "saes" / VLM_SAE)

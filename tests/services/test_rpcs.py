@@ -38,7 +38,8 @@ from tests.services.helpers import (
     png_bytes,
 )
 
-STEERING_METHODS = {"Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "ListModels", "SearchFeatures", "EvaluateSae"}
+STEERING_METHODS = {"Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "ListModels", "SearchFeatures", "EvaluateSae",
+                    "ComputeSteeringVector"}
 
 
 def ids(completion) -> list[int]:
