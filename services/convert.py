@@ -323,8 +323,8 @@ def evaluate_sae_result_to_proto(m: Any, *, timings: pb.Timings, versions: pb.Ve
 
 
 def feature_to_proto(f: rt.FeatureMatch) -> pb.Feature:
-    """A SearchFeatures hit; ``score`` is the semantic search's cosine (0 for label substring)."""
-    return pb.Feature(sae=f.sae, index=f.index, label=f.label, score=float(getattr(f, "score", 0.0)))
+    """A SearchFeatures hit; ``score`` is the semantic search's cosine (1 for a label-substring match)."""
+    return pb.Feature(sae=f.sae, index=f.index, label=f.label, score=float(f.score))
 
 
 def search_options_from_proto(msg: pb.SearchFeaturesRequest) -> dict[str, Any]:

@@ -84,8 +84,9 @@ class GeneratedToken:
 
 @dataclass(frozen=True)
 class ConditionHit:
-    """Where a plan's ``stop_when`` held: the generated position (0-based among generated tokens:
-    the token computed there is the last one kept) and the first leaf latent that was true there."""
+    """Where a plan's ``stop_when`` held: the generated position (0-based among generated tokens)
+    whose latents, read when that token was input to the model, met the condition (that token is
+    the last one kept), and the first leaf latent that was true there."""
 
     position: int
     sae: str

@@ -592,8 +592,8 @@ def test_stop_when_ends_the_request_at_the_first_position_where_it_holds(client,
     assert len(tokens) == n  # no eos: every position below is generated
     seq = hand.ids(PROMPT) + tokens
     f = hand.encode(hand.site_activations(seq))
-    # latents at the position computing generated token j: the last prompt position for j = 0
-    at = f[len(hand.ids(PROMPT)) - 1:len(seq) - 1]
+    # latents at the position of generated token j (read when that token is input to the model)
+    at = f[len(hand.ids(PROMPT)):len(seq)]
 
     def first_rise():
         for latent in range(f.shape[1]):
@@ -610,7 +610,7 @@ def test_stop_when_ends_the_request_at_the_first_position_where_it_holds(client,
     hit = response.completion.stopped_by
     assert (hit.position, hit.sae, hit.latent) == (k, LM_SAE, latent)
     assert hit.value == pytest.approx(float(at[k, latent]), abs=1e-4)
-    assert ids(response.completion) == tokens[:k + 1]  # the token computed there is the last one kept
+    assert ids(response.completion) == tokens[:k + 1]  # the token where it held is the last one kept
     assert ids(response.default_completion) == tokens and response.default_completion.finish_reason == "length"
     assert not response.steered  # stop_when only reads
 
@@ -755,7 +755,7 @@ def test_cli_presets_variants_and_stop_when(run, client):
 
 def test_semantic_search_returns_scores_and_substring_search_does_not(client):
     substring = client.search_features(LM, "red", semantic=False)
-    assert [(f.index, f.label, f.score) for f in substring] == [(RED, "color:red", 0.0)]
+    assert [(f.index, f.label, f.score) for f in substring] == [(RED, "color:red", 1.0)]
     default = client.search_features(LM, "red")
     assert default and default[0].label == "color:red"
     assert all(a.score >= b.score for a, b in zip(default, default[1:]))
