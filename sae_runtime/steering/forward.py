@@ -37,6 +37,7 @@ class ForwardState:
     def __init__(self, plans: list[InterventionPlan | None]) -> None:
         self.plans = plans
         self.n_rows = len(plans)
+        self.num_steps = 0  # set by set_unet_step (informational: no edit reads it)
         self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
         self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None]] = {}
         self.set_phase("prefill")
