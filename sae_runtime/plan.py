@@ -233,7 +233,8 @@ class InterventionPlan:
         vecs: list[tuple[VectorEdit, str]] = []
         for n, name in enumerate(self.presets):
             if name not in presets:
-                raise NotFound(f"unknown preset {name!r} (available: {', '.join(sorted(presets)) or 'none'})", field=f"{p}.presets[{n}]")
+                raise NotFound(f"unknown preset {name!r} (available: {', '.join(sorted(presets)) or 'none'})",
+                               field=f"{p}.presets[{n}]")
             pre = presets[name]
             edits += [(e, f"{p}.presets[{n}].edits[{i}]") for i, e in enumerate(pre.edits)]
             vecs += [(v, f"{p}.presets[{n}].vectors[{i}]") for i, v in enumerate(pre.vectors)]
@@ -245,7 +246,8 @@ class InterventionPlan:
             raise TooLarge(f"{total} latent and vector edits exceed the limit of {max_edits}", field=f"{p}.edits")
         inline = sum(len(v.values) for v, _ in vecs)
         if inline > max_inline_vector_dims:
-            raise TooLarge(f"{inline} inline vector values exceed the limit of {max_inline_vector_dims}", field=f"{p}.vectors")
+            raise TooLarge(f"{inline} inline vector values exceed the limit of {max_inline_vector_dims}",
+                           field=f"{p}.vectors")
         checker = _Conditions(saes, sae_sites)
         resolved = [_resolve_edit(e, f, saes, describe, checker) for e, f in edits]
         resolved_vecs = []
@@ -257,13 +259,13 @@ class InterventionPlan:
             except ValueError:
                 raise InvalidArgument(f"unknown op {v.op!r}", field=f"{f}.op") from None
             if op not in VECTOR_OPS:
-                raise InvalidArgument(f"a steering vector takes {', '.join(sorted(o.value for o in VECTOR_OPS))}, not {op.value}",
-                                      field=f"{f}.op")
+                raise InvalidArgument(f"a steering vector takes {', '.join(sorted(o.value for o in VECTOR_OPS))}, "
+                                      f"not {op.value}", field=f"{f}.op")
             if v.normalize and op is not EditOp.ADD:
                 raise InvalidArgument("normalize applies to op 'add' only", field=f"{f}.normalize")
             cond = None if v.condition is None else checker.check(v.condition, f"{f}.condition", hook)
-            resolved_vecs.append(replace(v, op=op, value=require_finite(v.value, f"{f}.value"), site=hook.name, values=(),
-                                         condition=cond, direction=direction))
+            resolved_vecs.append(replace(v, op=op, value=require_finite(v.value, f"{f}.value"), site=hook.name,
+                                         values=(), condition=cond, direction=direction))
         stop = None
         if self.stop_when is not None:
             stop = checker.check(self.stop_when, f"{p}.stop_when", None, stop=True)
@@ -271,8 +273,8 @@ class InterventionPlan:
                        scope=_check_scope(self.scope, f"{p}.scope"))
 
 
-def _resolve_edit(e: LatentEdit, f: str, saes: Mapping[str, Sae], describe: Callable[[str, str, int], Sequence[int]] | None,
-                  checker: "_Conditions") -> LatentEdit:
+def _resolve_edit(e: LatentEdit, f: str, saes: Mapping[str, Sae],
+                  describe: Callable[[str, str, int], Sequence[int]] | None, checker: "_Conditions") -> LatentEdit:
     if e.sae not in saes:
         raise NotFound(f"unknown SAE {e.sae!r} (available: {', '.join(sorted(saes)) or 'none'})", field=f"{f}.sae")
     sae = saes[e.sae]
@@ -334,7 +336,8 @@ class _Conditions:
             kids = tuple(self._check(k, f"{field}.{key}[{i}]", edited, stop) for i, k in enumerate(getattr(c, key)))
             return replace(c, **{key: kids})
         if c.sae not in self.saes:
-            raise NotFound(f"unknown SAE {c.sae!r} (available: {', '.join(sorted(self.saes)) or 'none'})", field=f"{field}.sae")
+            raise NotFound(f"unknown SAE {c.sae!r} (available: {', '.join(sorted(self.saes)) or 'none'})",
+                           field=f"{field}.sae")
         sae = self.saes[c.sae]
         if (c.latent is None) == (not c.label):
             raise InvalidArgument("a leaf names exactly one of latent or label", field=f"{field}.latent")
@@ -351,10 +354,11 @@ class _Conditions:
         threshold = require_finite(c.threshold, f"{field}.threshold")
         site = self.sites.get(c.sae)
         if site is not None and stop and not site.is_text:
-            raise InvalidArgument(f"stop_when reads generated tokens; SAE {c.sae!r} sits at {site.name}", field=f"{field}.sae")
+            raise InvalidArgument(f"stop_when reads generated tokens; SAE {c.sae!r} sits at {site.name}",
+                                  field=f"{field}.sae")
         if site is not None and edited is not None and not edited.readable_from(site):
-            raise InvalidArgument(f"SAE {c.sae!r} at {site.name} is not computed before {edited.name} in the same forward "
-                                  "(a condition reads the edited site or an earlier one)", field=f"{field}.sae")
+            raise InvalidArgument(f"SAE {c.sae!r} at {site.name} is not computed before {edited.name} in the same "
+                                  "forward (a condition reads the edited site or an earlier one)", field=f"{field}.sae")
         return replace(c, latent=int(latent), label="", compare=compare, threshold=threshold)
 
 

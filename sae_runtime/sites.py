@@ -83,7 +83,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], SiteKind], ...] = tuple(
         (r"transformer\.h\.(\d+)", SiteKind.RESID_POST),
         (r"vision\.layers\.(\d+)", SiteKind.VISION_LAYER),
         (r"(?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)", SiteKind.VISION_LAYER),
-        (r"(?:unet\.)?((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)", SiteKind.UNET_BLOCK),
+        (r"(?:unet\.)?((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)",
+         SiteKind.UNET_BLOCK),
     )
 )
 
@@ -169,7 +170,8 @@ class HookSite:
             what = "vision encoder" if self.kind is SiteKind.VISION_LAYER else "decoder layer list"
             raise NotFound(f"site {self.name}: model {type(model).__name__} has no {what}", field=self.name)
         if not 0 <= self.layer < len(layers):
-            raise NotFound(f"site {self.name}: layer {self.layer} out of range (model has {len(layers)} layers)", field=self.name)
+            raise NotFound(f"site {self.name}: layer {self.layer} out of range (model has {len(layers)} layers)",
+                           field=self.name)
         layer = layers[self.layer]
         if self.kind in (SiteKind.MLP_OUT, SiteKind.MLP_IO):
             return _mlp_of(layer, self.name)
@@ -350,12 +352,14 @@ def vision_layers(model: nn.Module) -> nn.ModuleList | None:
         vision_cfg = getattr(getattr(model, "config", None), "vision_config", None)
         if vision_cfg is None:
             return None
-        towers = [(n.count("."), m) for n, m in model.named_modules() if n.split(".")[-1] in ("vision_tower", "vision_model")]
+        towers = [(n.count("."), m) for n, m in model.named_modules()
+                  if n.split(".")[-1] in ("vision_tower", "vision_model")]
         if not towers:
             return None
         tower = min(towers, key=lambda t: t[0])[1]
         n = vision_cfg.num_hidden_layers
-        lists = [(name.count("."), m) for name, m in tower.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        lists = [(name.count("."), m) for name, m in tower.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == n]
         return min(lists, key=lambda t: t[0])[1] if lists else None
 
     return _cached(model, "vision", find)

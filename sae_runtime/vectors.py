@@ -49,7 +49,8 @@ def load_vector(name: str, path: str, hook_name: str, tensor_key: str | None = N
     else:
         raise InvalidArgument(f"{path} has no tensor {tensor_key!r} (has {', '.join(sorted(tensors))})", field=field)
     if tensor.dim() != 1 or tensor.numel() == 0:
-        raise InvalidArgument(f"a steering vector is one non-empty 1-D tensor, got shape {tuple(tensor.shape)}", field=field)
+        raise InvalidArgument(f"a steering vector is one non-empty 1-D tensor, got shape {tuple(tensor.shape)}",
+                              field=field)
     if not torch.isfinite(tensor).all():
         raise InvalidArgument("has non-finite values", field=field)
     return SteeringVector(name, HookSite.parse(hook_name, field=f"{field}.hook_name"), tensor.float())
@@ -71,7 +72,8 @@ def resolve_direction(
         values = resolved.detach().float().flatten().tolist()
         vector = ""
     if bool(vector) == bool(values):
-        raise InvalidArgument("give exactly one of vector (a declared name) or values (inline)", field=f"{field}.vector")
+        raise InvalidArgument("give exactly one of vector (a declared name) or values (inline)",
+                              field=f"{field}.vector")
     if vector:
         if vector not in vectors:
             raise NotFound(f"unknown steering vector {vector!r} (available: {', '.join(sorted(vectors)) or 'none'})",
@@ -93,7 +95,8 @@ def resolve_direction(
     if site_width is not None:
         width = int(site_width(hook))
         if width != direction.numel():
-            raise InvalidArgument(f"a {direction.numel()}-dim vector for site {hook.name} of width {width}", field=where)
+            raise InvalidArgument(f"a {direction.numel()}-dim vector for site {hook.name} of width {width}",
+                                  field=where)
     return hook, direction
 
 

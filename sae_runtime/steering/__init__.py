@@ -58,9 +58,11 @@ cfg_doubled)``; a CFG-doubled batch is [uncond rows, cond rows] (diffusers' orde
 ``ctx.prefill(mask)`` covers the vision tower and the language model's prompt in one forward.
 """
 
+from sae_runtime.steering.attached import AttachedSae, check_widths
 from sae_runtime.steering.compile import PROJECTION_OPS, CompiledEdits, compile_edits
+from sae_runtime.steering.context import SteeringContext
 from sae_runtime.steering.directions import DirectionTable, compile_projections, compile_vectors
-from sae_runtime.steering.context import PHASES, AttachedSae, SteeringContext, check_widths
+from sae_runtime.steering.forward import PHASES
 from sae_runtime.steering.readout import LatentPool, PhaseReadout, SaeReadout, TopLatents
 
 __all__ = [

@@ -86,7 +86,8 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
                 continue
             rows = per_sae.setdefault(edit.sae, [[] for _ in range(n_rows)])
             for latent in edit.latents:
-                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize), edit.condition))
+                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize),
+                                  edit.condition))
 
     compiled: dict[str, CompiledEdits] = {}
     for name, rows in per_sae.items():

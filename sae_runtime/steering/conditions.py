@@ -61,10 +61,12 @@ def encode_leaves(sae: Sae, latents: Tensor, x: Tensor, encoder: Sae | None = No
 def _leaf_value(leaf: Condition, values: Mapping[str, LeafValues], n_batch: int) -> Tensor:
     got = values.get(leaf.sae)
     if got is None or int(leaf.latent) not in got.column:  # type: ignore[arg-type]
-        raise InvalidArgument(f"condition on SAE {leaf.sae!r} read before its site ran in this forward", field="plan.condition")
+        raise InvalidArgument(f"condition on SAE {leaf.sae!r} read before its site ran in this forward",
+                              field="plan.condition")
     v = got.values[..., got.column[int(leaf.latent)]]  # type: ignore[arg-type]
     if v.shape[0] != n_batch:
-        raise InvalidArgument(f"condition on SAE {leaf.sae!r} was read on a batch of {v.shape[0]}, not {n_batch}", field="plan.condition")
+        raise InvalidArgument(f"condition on SAE {leaf.sae!r} was read on a batch of {v.shape[0]}, not {n_batch}",
+                              field="plan.condition")
     return v
 
 
@@ -128,7 +130,8 @@ def stop_hits(plans: Sequence[InterventionPlan | None], stop_rows: Sequence[int]
     hits = {}
     for r in stop_rows:
         if r in batch_of:
-            hit = first_hit(plans[r].stop_when, values, batch_of[r], valid, n_batch)  # type: ignore[union-attr, arg-type]
+            hit = first_hit(plans[r].stop_when, values, batch_of[r], valid,  # type: ignore[union-attr, arg-type]
+                            n_batch)
             if hit is not None:
                 hits[r] = hit
     return hits

@@ -1,18 +1,22 @@
-"""SteeringContext: apply per-row intervention plans and gather readouts inside a model's forwards."""
+"""SteeringContext: apply per-row intervention plans and gather readouts inside a model's forwards.
+
+The context owns the plans, their compiled edit tables, the hooks and the hot path (encode, edit,
+decode at each hooked site). What the next forward computes, and which batch entries and positions
+each edit covers, is a :class:`~sae_runtime.steering.forward.ForwardState` (``ctx.fwd``); attached
+SAEs and the checks of plans against them are in :mod:`sae_runtime.steering.attached`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae_runtime.errors import InvalidArgument, NotFound
-from sae_runtime.plan import CfgHalf, InterventionPlan, ReadoutSpec, TokenScope, VisionScope
+from sae_runtime.plan import InterventionPlan, ReadoutSpec
 from sae_runtime.saes.base import Sae
-from sae_runtime.sites import HookSite, SiteKind
+from sae_runtime.sites import HookSite
+from sae_runtime.steering.attached import AttachedSae, check_plan, check_vector_widths, check_widths
 from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
 from sae_runtime.steering.conditions import (
     LeafValues, condition_masks, edit_conditions, encode_leaves, leaves_by_sae, stop_hits,
@@ -20,24 +24,10 @@ from sae_runtime.steering.conditions import (
 from sae_runtime.steering.directions import (
     DirectionGroup, DirectionTable, apply_directions, compile_projections, compile_vectors, make_direction_group,
 )
+from sae_runtime.steering.forward import PHASES, ForwardState
 from sae_runtime.steering.readout import AccumulatingRecorder, ReadoutRecorder, SaeReadout
 
-PHASES = ("prefill", "decode", "denoise")
-
-
-@dataclass(frozen=True)
-class AttachedSae:
-    """An SAE under its name, attached at a hook site."""
-
-    name: str
-    sae: Sae
-    site: HookSite
-
-
-def check_widths(model: nn.Module, saes: Mapping[str, AttachedSae]) -> None:
-    """InvalidArgument naming the SAE whose d_in differs from its site's width; NotFound for a bad site."""
-    for name, att in saes.items():
-        att.site.check_sae_width(model, att.sae.d_in, name)
+__all__ = ["PHASES", "AttachedSae", "SteeringContext", "check_widths"]
 
 
 class SteeringContext:
@@ -76,7 +66,7 @@ class SteeringContext:
         self.plans = list(plans)
         self.n_rows = len(self.plans)
         for n, plan in enumerate(self.plans):
-            self._check_plan(plan, f"plans[{n}].sae")
+            check_plan(plan, self.saes, f"plans[{n}].sae")
         self.readout = readout if readout is not None and readout.saes else None
         if self.readout is not None:
             self.readout.check({k: a.sae for k, a in self.saes.items()})
@@ -93,34 +83,12 @@ class SteeringContext:
         self._groups: dict[tuple, list[EditGroup]] = {}
         self._dir_groups: dict[tuple, DirectionGroup | None] = {}
         self._restricted: dict[str, Sae | None] = {}
-        self._weights: dict[tuple, Tensor | None] = {}  # (id(group),) for text, (id, n_pos, grid) else
-        self._readout_rows: dict[tuple, tuple[tuple[int, ...], tuple[int, ...], Tensor | None]] = {}
+        self.fwd = ForwardState(self.plans)  # shares self.plans (rows are replaced in place)
         self._by_site: dict[HookSite, list[str]] = {}
         self._compile()
         self.set_phase("prefill")
 
     # -- plans and reads (the engine changes them per slot) -------------------------------------
-    def _check_plan(self, plan: InterventionPlan | None, field: str) -> None:
-        if plan is None:
-            return
-        for edit in plan.edits:
-            if edit.sae not in self.saes:
-                raise NotFound(f"unknown SAE {edit.sae!r}", field=field)
-        edited = [(e.condition, self.saes[e.sae].site) for e in plan.edits if e.condition is not None]
-        edited += [(v.condition, HookSite.parse(v.site, field=field)) for v in plan.vectors if v.condition is not None]
-        stop = [(plan.stop_when, None)] if plan.stop_when is not None else []
-        for cond, site in edited + stop:
-            for leaf in cond.leaves():
-                if leaf.sae not in self.saes:
-                    raise NotFound(f"unknown SAE {leaf.sae!r} in a condition", field=field)
-                if leaf.latent is None:
-                    raise InvalidArgument("condition leaves must be resolved (InterventionPlan.resolve) first", field=field)
-                at = self.saes[leaf.sae].site
-                if site is None and not at.is_text:
-                    raise InvalidArgument(f"stop_when reads SAE {leaf.sae!r} at non-text site {at.name}", field=field)
-                if site is not None and not site.readable_from(at):
-                    raise InvalidArgument(f"condition SAE {leaf.sae!r} at {at.name} is not computed before {site.name}", field=field)
-
     def _compile(self) -> None:
         saes = {k: a.sae for k, a in self.saes.items()}
         self.compiled = compile_edits(self.plans, saes)
@@ -133,12 +101,13 @@ class SteeringContext:
         self._groups.clear()
         self._dir_groups.clear()
         self._restricted.clear()
-        self._weights.clear()
+        self.fwd.clear_weights()
         self._plan_sites()
 
     def _plan_sites(self) -> None:
         """Sites to hook, each with its SAEs in the mapping's order (re-attached while entered)."""
-        need = set(self.compiled) | set(self.projections) | self._read | set(self._edit_leaves) | set(self._stop_leaves)
+        need = (set(self.compiled) | set(self.projections) | self._read | set(self._edit_leaves)
+                | set(self._stop_leaves))
         by_site: dict[HookSite, list[str]] = {}
         for name, att in self.saes.items():
             if self._hook_all or name in need:
@@ -152,7 +121,7 @@ class SteeringContext:
     def set_plans(self, plans: Mapping[int, InterventionPlan | None]) -> None:
         """Give plan rows new (validated) plans, row -> plan; the edit tables are compiled again, once."""
         for row, plan in plans.items():
-            self._check_plan(plan, "plan.sae")
+            check_plan(plan, self.saes, "plan.sae")
         for row, plan in plans.items():
             self.plans[row] = plan
         self._compile()
@@ -163,7 +132,7 @@ class SteeringContext:
         if not self._hook_all:
             self._plan_sites()
 
-    # -- what the next forward computes -------------------------------------------------------
+    # -- what the next forward computes (kept in self.fwd) --------------------------------------
     def set_phase(
         self, phase: str, valid: Tensor | None = None, *, rows: Sequence[int] | None = None,
         vision_rows: Sequence[int] | None = None,
@@ -176,14 +145,7 @@ class SteeringContext:
         forward's batch when it is not 0..B-1 (e.g. finished rows dropped during decoding);
         ``vision_rows``: the same for the vision tower's batch (images).
         """
-        if phase not in PHASES:
-            raise InvalidArgument(f"unknown phase {phase!r} (expected one of {PHASES})", field="phase")
-        self._phase = phase
-        self._valid = None if valid is None else valid.to(dtype=torch.bool)
-        self._rows = None if rows is None else tuple(int(r) for r in rows)
-        self._vision_rows = None if vision_rows is None else tuple(int(r) for r in vision_rows)
-        self._step, self._cfg_doubled = 0, False
-        self._weights = {k: w for k, w in self._weights.items() if len(k) > 1}
+        self.fwd.set_phase(phase, valid, rows=rows, vision_rows=vision_rows)
         self._leaf_values = {}
         self._hits = None
 
@@ -203,7 +165,7 @@ class SteeringContext:
         A batch that is not doubled counts as the cond half.
         """
         self.set_phase("denoise")
-        self._step, self._num_steps, self._cfg_doubled = int(step), int(num_steps), bool(cfg_doubled)
+        self.fwd.set_unet_step(step, num_steps, cfg_doubled)
 
     # -- hooks --------------------------------------------------------------------------------
     def __enter__(self) -> "SteeringContext":
@@ -225,13 +187,7 @@ class SteeringContext:
         unchecked = {n: self.saes[n] for names in self._by_site.values() for n in names if n not in self._checked}
         check_widths(self.model, unchecked)
         self._checked.update(unchecked)
-        for site, table in self.vector_tables.items():
-            if (site, table.dirs.shape[-1]) not in self._checked:
-                width = site.width(self.model)
-                if width != table.dirs.shape[-1]:
-                    raise InvalidArgument(f"a {table.dirs.shape[-1]}-dim steering vector for site {site.name} of width {width}",
-                                          field="plan.vectors")
-                self._checked.add((site, width))
+        check_vector_widths(self.model, self.vector_tables, self._checked)
         for site in self._by_site:
             if site not in self._site_handles:
                 self._site_handles[site] = site.attach(self.model, self._site_fn(site))
@@ -281,7 +237,7 @@ class SteeringContext:
     def _leaves_at(self, site: HookSite) -> list[tuple[str, Tensor, Sae | None]]:
         """(SAE name, latents, the SAE restricted to them or None) to encode at ``site`` in this
         phase (stop leaves on decode forwards only)."""
-        decode = self._phase == "decode"
+        decode = self.fwd.phase == "decode"
         key = (site, decode)
         plan = self._leaf_plan.get(key)
         if plan is None:
@@ -302,18 +258,19 @@ class SteeringContext:
     def _apply_directions(self, site: HookSite, key: object, table: DirectionTable, x: Tensor,
                           grid: tuple[int, int] | None) -> Tensor | None:
         """x after the projection / vector slots of ``table`` on the rows that have them (or None)."""
-        state = (key, *self._state_key(site, x.shape[0]))
+        state = (key, *self.fwd.state_key(site, x.shape[0]))
         if state not in self._dir_groups:
-            plan_rows, halves = self._row_map(site, x.shape[0])
-            batch = [j for j, r in enumerate(plan_rows) if table.rows[r] and self._active(site, r, halves[j])]
+            plan_rows, halves = self.fwd.row_map(site, x.shape[0])
+            batch = [j for j, r in enumerate(plan_rows) if table.rows[r] and self.fwd.active(site, r, halves[j])]
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-            self._dir_groups[state] = make_direction_group(table, batch, [plan_rows[j] for j in batch], x.shape[0], x.device,
-                                                           dtype) if batch else None
+            self._dir_groups[state] = make_direction_group(table, batch, [plan_rows[j] for j in batch], x.shape[0],
+                                                           x.device, dtype) if batch else None
         g = self._dir_groups[state]
         if g is None:
             return None
         xg = x if g.all_rows else x.index_select(0, g.rows)
-        new = apply_directions(g, xg.to(g.dtype), self._weight(site, g, x.shape[1], grid), self._masks(g, x.shape[0]))
+        new = apply_directions(g, xg.to(g.dtype), self.fwd.weight(site, g, x.shape[1], grid),
+                               self._masks(g, x.shape[0]))
         new = new.to(x.dtype)
         return new if g.all_rows else x.index_copy(0, g.rows, new)
 
@@ -325,8 +282,9 @@ class SteeringContext:
         tree order) whose comparison holds there. Cleared by :meth:`set_phase`. Moves data to the CPU.
         """
         if self._hits is None:
-            decode = self._phase == "decode" and bool(self._stop_rows)
-            self._hits = stop_hits(self.plans, self._stop_rows, self._leaf_values, self._rows, self._valid) if decode else {}
+            decode = self.fwd.phase == "decode" and bool(self._stop_rows)
+            self._hits = (stop_hits(self.plans, self._stop_rows, self._leaf_values, self.fwd.rows, self.fwd.valid)
+                          if decode else {})
         return dict(self._hits)
 
     # -- the hot path -------------------------------------------------------------------------
@@ -336,7 +294,8 @@ class SteeringContext:
         read = name in self._read
         if not groups and not read:
             return None
-        if not read and len(groups) == 1 and groups[0].lean and site.is_text and self._valid is None and x.dtype == groups[0].decoder_rows.dtype:
+        if (not read and len(groups) == 1 and groups[0].lean and site.is_text and self.fwd.valid is None
+                and x.dtype == groups[0].decoder_rows.dtype):
             # Decode-step fast path (same maths as below, fewest ops): every row edited, every
             # position in scope, error term kept, no input normalisation, restricted encoder.
             g = groups[0]
@@ -366,7 +325,7 @@ class SteeringContext:
                 f_u = sae.encode_selected_normalized(x_n, g.latents)
             x_norm = x_n.norm(dim=-1, keepdim=True) if g.add_norm is not None else None
             f_new = apply_ops(g, f_u, x_norm, self._masks(g, x.shape[0]))
-            weight = self._weight(site, g, x.shape[1], grid)
+            weight = self.fwd.weight(site, g, x.shape[1], grid)
             if weight is not None:
                 f_new = torch.lerp(f_u, f_new.expand_as(f_u), weight)
             if g.replace:
@@ -396,126 +355,39 @@ class SteeringContext:
             self._record(site, name, f_full, f_after, grid)
         return out if groups else None
 
-    # -- per-forward row selection (host side, cached) -----------------------------------------
-    def _row_map(self, site: HookSite, n_batch: int) -> tuple[list[int], list[str]]:
-        """Plan row and CFG half ("cond"/"uncond") of each hook-batch entry."""
-        if site.kind is SiteKind.UNET_BLOCK:
-            if self._cfg_doubled:
-                if n_batch != 2 * self.n_rows:
-                    raise InvalidArgument(f"CFG-doubled U-Net batch of {n_batch} for {self.n_rows} plans", field="batch")
-                return [j % self.n_rows for j in range(n_batch)], ["uncond" if j < self.n_rows else "cond" for j in range(n_batch)]
-        elif site.kind is SiteKind.VISION_LAYER and self._vision_rows is not None:
-            if len(self._vision_rows) != n_batch or not all(0 <= r < self.n_rows for r in self._vision_rows):
-                raise InvalidArgument(f"vision batch of {n_batch} but {len(self._vision_rows)} vision_rows", field="vision_rows")
-            return list(self._vision_rows), ["cond"] * n_batch
-        elif site.is_text and self._rows is not None:
-            if len(self._rows) != n_batch or not all(0 <= r < self.n_rows for r in self._rows):
-                raise InvalidArgument(f"site {site.name} sees a batch of {n_batch} but rows is {self._rows}", field="rows")
-            return list(self._rows), ["cond"] * n_batch
-        if n_batch != self.n_rows:
-            raise InvalidArgument(f"site {site.name} sees a batch of {n_batch} for {self.n_rows} plans", field="batch")
-        return list(range(n_batch)), ["cond"] * n_batch
-
-    def _active(self, site: HookSite, row: int, half: str) -> bool:
-        scope = self.plans[row].scope  # type: ignore[union-attr]
-        if site.is_text:
-            return scope.tokens is TokenScope.ALL or (scope.tokens is TokenScope.PROMPT) == (self._phase == "prefill")
-        if site.kind is SiteKind.UNET_BLOCK:
-            end = scope.step_end if scope.step_end is not None else float("inf")
-            return scope.step_start <= self._step < end and scope.cfg_half in (CfgHalf.BOTH, CfgHalf(half))
-        return True
-
-    def _state_key(self, site: HookSite, n_batch: int) -> tuple:
-        if site.is_text:
-            return ("text", self._phase, n_batch, self._rows)
-        if site.kind is SiteKind.UNET_BLOCK:
-            return ("unet", self._step, self._cfg_doubled, n_batch)
-        return ("vision", self._vision_rows, n_batch)
-
+    # -- per-forward edit groups (host side, cached by ForwardState.state_key) ------------------
     def _groups_for(self, site: HookSite, name: str, n_batch: int) -> list[EditGroup]:
-        key = (name, *self._state_key(site, n_batch))
+        key = (name, *self.fwd.state_key(site, n_batch))
         groups = self._groups.get(key)
         if groups is None:
             compiled, sae = self.compiled[name], self.saes[name].sae
             if name not in self._restricted:
                 latents = compiled.latents.to(sae.W_dec.device)
                 self._restricted[name] = sae.restrict(latents) if sae.selective and len(latents) else None
-            plan_rows, halves = self._row_map(site, n_batch)
+            plan_rows, halves = self.fwd.row_map(site, n_batch)
             groups = []
             for replace in (False, True):
-                batch = [j for j, r in enumerate(plan_rows)
-                         if compiled.edits_row[r] and compiled.preserve[r] != replace and self._active(site, r, halves[j])]
+                batch = [j for j, r in enumerate(plan_rows) if compiled.edits_row[r]
+                         and compiled.preserve[r] != replace and self.fwd.active(site, r, halves[j])]
                 if batch:
                     groups.append(make_group(compiled, sae, batch, [plan_rows[j] for j in batch], n_batch, replace,
                                              encoder=None if replace else self._restricted[name]))
             self._groups[key] = groups
         return groups
 
-    def _weight(self, site: HookSite, g: EditGroup | DirectionGroup, n_pos: int, grid: tuple[int, int] | None) -> Tensor | None:
-        """Per-position weight (R, N, 1) of the edit, or None when every position is fully in scope."""
-        if site.is_text:
-            if self._valid is None:
-                return None
-            key: tuple = (id(g),)  # text weights are dropped by set_phase (the valid mask changes)
-        else:
-            key = (id(g), n_pos, grid)
-        if key in self._weights:
-            return self._weights[key]
-        dtype = g.dtype
-        w: Tensor | None = None
-        if site.is_text:
-            w = self._valid_for(site, n_pos, g.rows.device).index_select(0, g.rows).unsqueeze(-1).to(dtype)
-        elif site.kind is SiteKind.VISION_LAYER:
-            cls = [self.plans[r].scope.vision is VisionScope.CLS for r in g.plan_rows]  # type: ignore[union-attr]
-            if any(cls):
-                w = torch.ones(len(cls), n_pos, 1, dtype=dtype, device=g.rows.device)
-                w[torch.tensor(cls, device=g.rows.device), 1:] = 0
-        else:
-            masks = [self.plans[r].scope.mask for r in g.plan_rows]  # type: ignore[union-attr]
-            if any(m is not None for m in masks):
-                w = torch.stack([
-                    torch.ones(grid, dtype=dtype) if m is None else _downsample(m, grid).to(dtype) for m in masks
-                ]).reshape(len(masks), -1, 1).to(g.rows.device)
-        self._weights[key] = w
-        return w
-
-    def _valid_for(self, site: HookSite, n_pos: int, device: torch.device) -> Tensor:
-        """The valid mask's last ``n_pos`` columns (B, n_pos) on ``device``."""
-        valid = self._valid
-        if valid.shape[1] < n_pos:  # type: ignore[union-attr]
-            raise InvalidArgument(f"valid mask covers {valid.shape[1]} positions, site {site.name} sees {n_pos}", field="valid")  # type: ignore[union-attr]
-        return valid[:, valid.shape[1] - n_pos:].to(device)  # type: ignore[union-attr]
-
     # -- readouts -----------------------------------------------------------------------------
     def _record(self, site: HookSite, name: str, before: Tensor, after: Tensor, grid: tuple[int, int] | None) -> None:
-        n_batch = before.shape[0]
-        key = self._state_key(site, n_batch)
-        sel = self._readout_rows.get(key)
-        if sel is None:
-            plan_rows, halves = self._row_map(site, n_batch)
-            batch = [j for j, h in enumerate(halves) if h == "cond"]
-            idx = None if batch == list(range(n_batch)) else torch.tensor(batch, device=before.device)
-            sel = (tuple(batch), tuple(plan_rows[j] for j in batch), idx)
-            self._readout_rows[key] = sel
-        _, rows, idx = sel
+        rows, idx = self.fwd.readout_rows(site, before.shape[0], before.device)
         if idx is not None:
             before, after = before.index_select(0, idx), (after if after is before else after.index_select(0, idx))
         valid = None
-        if site.is_text and self._valid is not None:
-            valid = self._valid_for(site, before.shape[1], before.device)
+        if site.is_text and self.fwd.valid is not None:
+            valid = self.fwd.valid_for(site, before.shape[1], before.device)
             if idx is not None:
                 valid = valid.index_select(0, idx)
-        self.recorder.add(name, self._phase, rows, before, after, valid, grid)
+        self.recorder.add(name, self.fwd.phase, rows, before, after, valid, grid)
 
     def readouts(self) -> list[dict[str, SaeReadout]]:
         """Per plan row: SAE name -> its readout (phases it was seen in). Moves data to the CPU.
         Only with the default recorder."""
         return self.recorder.readouts(self.readout.saes if self.readout else ())  # type: ignore[union-attr]
-
-
-def _downsample(mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """An (H, W) mask in [0, 1] averaged down (or interpolated up) to the block's grid."""
-    m = mask.detach().float()[None, None]
-    if m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
-        return F.adaptive_avg_pool2d(m, grid)[0, 0]
-    return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)

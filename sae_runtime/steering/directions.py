@@ -62,7 +62,8 @@ def _unit(d: Tensor) -> Tensor:
     return d / n if float(n) > 0 else d
 
 
-def _table(slots: list[list[tuple[Tensor, float, float, float, float, bool, Condition | None]]], width: int) -> DirectionTable:
+def _table(slots: list[list[tuple[Tensor, float, float, float, float, bool, Condition | None]]],
+           width: int) -> DirectionTable:
     n_rows, depth = len(slots), max(len(s) for s in slots)
     shape = (depth, n_rows)
     dirs = torch.zeros(depth, n_rows, width, dtype=torch.float64)
@@ -75,7 +76,8 @@ def _table(slots: list[list[tuple[Tensor, float, float, float, float, bool, Cond
             dirs[p, r] = d
             alpha[p, r], beta[p, r], gamma[p, r], value[p, r], is_cap[p, r] = a, b, g, v, cap
             cond[p, r] = 0 if c is None else cid[c]
-    return DirectionTable(dirs, alpha, beta, gamma, value, is_cap, cond, tuple(conditions), tuple(bool(s) for s in slots))
+    return DirectionTable(dirs, alpha, beta, gamma, value, is_cap, cond, tuple(conditions),
+                          tuple(bool(s) for s in slots))
 
 
 def _slot(op: EditOp, direction: Tensor, value: float, normalize: bool, condition: Condition | None):
@@ -112,8 +114,10 @@ def compile_vectors(plans: Sequence[InterventionPlan | None]) -> dict[HookSite, 
             site = HookSite.parse(v.site)
             d = v.direction.detach().double().cpu().flatten()
             if width.setdefault(site, d.numel()) != d.numel():
-                raise InvalidArgument(f"vectors of widths {width[site]} and {d.numel()} at site {site.name}", field="plan.vectors")
-            per.setdefault(site, [[] for _ in plans])[r].append(_slot(EditOp(v.op), d, float(v.value), bool(v.normalize), v.condition))
+                raise InvalidArgument(f"vectors of widths {width[site]} and {d.numel()} at site {site.name}",
+                                      field="plan.vectors")
+            per.setdefault(site, [[] for _ in plans])[r].append(
+                _slot(EditOp(v.op), d, float(v.value), bool(v.normalize), v.condition))
     return {site: _table(rows, width[site]) for site, rows in per.items()}
 
 

@@ -150,9 +150,12 @@ class ReadoutAccumulator:
             cat = lambda name: torch.cat([getattr(c, name) for c in run], dim=1).cpu()  # noqa: E731
             valid = None
             if any(c.valid is not None for c in run):
-                valid = torch.cat([torch.ones(c.before_idx.shape[:2], dtype=torch.bool, device=c.before_idx.device) if c.valid is None else c.valid
-                                   for c in run], dim=1).cpu()  # fmt: skip
-            merged.append(_Chunk(run[0].rows, valid, cat("before_idx"), cat("before_val"), cat("after_idx"), cat("after_val")))
+                valid = torch.cat([
+                    torch.ones(c.before_idx.shape[:2], dtype=torch.bool, device=c.before_idx.device)
+                    if c.valid is None else c.valid for c in run
+                ], dim=1).cpu()
+            merged.append(_Chunk(run[0].rows, valid, cat("before_idx"), cat("before_val"), cat("after_idx"),
+                                 cat("after_val")))
         return merged
 
     def finish(self) -> list[PhaseReadout | None]:
@@ -163,7 +166,8 @@ class ReadoutAccumulator:
         for c in self._merged_chunks():
             for j, row in enumerate(c.rows):
                 keep = slice(None) if c.valid is None else c.valid[j]
-                parts_of[row].append((c.before_idx[j][keep], c.before_val[j][keep], c.after_idx[j][keep], c.after_val[j][keep]))
+                parts_of[row].append((c.before_idx[j][keep], c.before_val[j][keep], c.after_idx[j][keep],
+                                      c.after_val[j][keep]))
         out: list[PhaseReadout | None] = []
         for r in range(self.n_rows):
             parts = parts_of[r]
@@ -201,7 +205,8 @@ class AccumulatingRecorder:
             valid: Tensor | None, grid: tuple[int, int] | None) -> None:
         acc = self._acc.get((name, phase))
         if acc is None:
-            acc = self._acc[(name, phase)] = ReadoutAccumulator(self.n_rows, before.shape[-1], self.top_k, before.device, before.dtype)
+            acc = self._acc[(name, phase)] = ReadoutAccumulator(self.n_rows, before.shape[-1], self.top_k,
+                                                                before.device, before.dtype)
         acc.add(tuple(rows), before, after, valid, grid)
 
     def readouts(self, saes: Sequence[str]) -> list[dict[str, SaeReadout]]:
