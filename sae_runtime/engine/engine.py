@@ -408,6 +408,7 @@ class TextEngine(StepLoop):
                 if seq.slot >= 0:
                     self.plans.release(seq.slot)
                     self._free.append(seq.slot)
+                    self._free.sort(reverse=True)  # lowest slot first: the same arrivals get the same slots
                     seq.slot = -1
         elif run in self.scheduler.waiting:
             self.scheduler.waiting.remove(run)

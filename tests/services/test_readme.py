@@ -13,7 +13,7 @@ import yaml
 
 from services.cli import main as cli_main
 from services.config import parse_config
-from tests.services.helpers import IMAGE, LM, LM_SAE
+from tests.services.helpers import IMAGE, LM, LM_SAE, LM_VECTOR
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -24,7 +24,9 @@ def blocks(language: str) -> list[str]:
 
 def for_tests(text: str, target: str) -> str:
     """The demo's names -> the test service's (same label vocabulary: color:red exists in both)."""
-    for demo, test in (("localhost:9000", target), ("demo-sdxl-turbo", IMAGE), ("demo-lm", LM), ('"concepts"', f'"{LM_SAE}"')):
+    swaps = (("localhost:9000", target), ("demo-sdxl-turbo", IMAGE), ("demo-lm", LM), ('"concepts"', f'"{LM_SAE}"'),
+             ("--vector red=", f"--vector {LM_VECTOR}="), ("place:beach", "animal:cat"))
+    for demo, test in swaps:
         text = text.replace(demo, test)
     return text
 
