@@ -44,6 +44,11 @@ def leaves_by_sae(conditions: Iterable[Condition]) -> dict[str, tuple[int, ...]]
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
+def leaves_of(codes: Tensor, latents: Tensor) -> LeafValues:
+    """The leaf values ``latents`` (L,) from a full encoding ``codes`` (B, N, d_sae) of the unedited x."""
+    return LeafValues(latents, codes.index_select(-1, latents), {int(i): j for j, i in enumerate(latents.tolist())})
+
+
 def encode_leaves(sae: Sae, latents: Tensor, x: Tensor, encoder: Sae | None = None) -> LeafValues:
     """The latents ``latents`` (L,) of ``sae`` on activation x (B, N, d_in), before any edit.
     ``encoder``: ``sae.restrict(latents)`` (selective SAEs), read instead of gathering columns."""

@@ -19,7 +19,7 @@ from sae_runtime.sites import HookSite
 from sae_runtime.steering.attached import AttachedSae, check_plan, check_vector_widths, check_widths
 from sae_runtime.steering.compile import EditGroup, apply_ops, compile_edits, make_group
 from sae_runtime.steering.conditions import (
-    LeafValues, condition_masks, edit_conditions, encode_leaves, leaves_by_sae, stop_hits,
+    LeafValues, condition_masks, edit_conditions, encode_leaves, leaves_by_sae, leaves_of, stop_hits,
 )
 from sae_runtime.steering.directions import (
     DirectionGroup, DirectionTable, apply_directions, compile_projections, compile_vectors, make_direction_group,
@@ -213,13 +213,20 @@ class SteeringContext:
                 with torch.no_grad():
                     return fn(x, grid)
             # 1) condition latents of the SAEs here, on the activation as it enters the site.
+            entry: dict[str, Tensor] = {}  # full encodings of the entering x, for SAEs read anyway
             for name, latents, encoder in self._leaves_at(site):
-                self._leaf_values[name] = encode_leaves(self.saes[name].sae, latents, x, encoder)
+                sae = self.saes[name].sae
+                if encoder is None and not sae.selective and name in self._read:
+                    entry[name] = sae.encode(x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype))
+                    self._leaf_values[name] = leaves_of(entry[name], latents)
+                else:
+                    self._leaf_values[name] = encode_leaves(sae, latents, x, encoder)
                 self._hits = None
             # 2) each SAE's latent edits, then its projection edits; 3) the site's vectors.
             changed = False
             for name in self._by_site.get(site, ()):
-                new = self._apply_sae(site, name, x, grid)
+                # While x is still the entering activation, a read reuses the condition's encoding.
+                new = self._apply_sae(site, name, x, grid, None if changed else entry.get(name))
                 if new is not None:
                     x, changed = new, True
                 if name in self.projections:
@@ -288,7 +295,10 @@ class SteeringContext:
         return dict(self._hits)
 
     # -- the hot path -------------------------------------------------------------------------
-    def _apply_sae(self, site: HookSite, name: str, x: Tensor, grid: tuple[int, int] | None) -> Tensor | None:
+    def _apply_sae(self, site: HookSite, name: str, x: Tensor, grid: tuple[int, int] | None,
+                   codes: Tensor | None = None) -> Tensor | None:
+        """x after ``name``'s latent edits (None: unchanged); records its readout. ``codes``: the
+        SAE's encoding of this very x when already computed (``sae.encode(x)``)."""
         sae = self.saes[name].sae
         groups = self._groups_for(site, name, x.shape[0]) if name in self.compiled else []
         read = name in self._read
@@ -306,7 +316,7 @@ class SteeringContext:
         xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
         f_full = f_after = None
         if read:
-            f_full = sae.encode(xs)
+            f_full = codes if codes is not None else sae.encode(xs)
             f_after = f_full
         out = x
         for g in groups:

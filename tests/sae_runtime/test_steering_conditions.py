@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sae_runtime.demo.tiny_models import build_tiny_causal_lm
-from sae_runtime.plan import Compare, Condition, EditOp, InterventionPlan, LatentEdit, Scope, TokenScope, VectorEdit
+from sae_runtime.plan import Compare, Condition, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, TokenScope, VectorEdit
 from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
@@ -426,3 +426,33 @@ def test_vision_conditional_edit_reads_an_earlier_vision_layer(tmp_path):
     torch.testing.assert_close(hooked[0], want[0], atol=1e-5, rtol=0)
     assert torch.equal(hooked[1], x[1]) and torch.equal(out[1], base[1])
     assert (out[0] - base[0]).abs().max() > 1e-4
+
+
+def test_a_read_topk_sae_with_a_condition_encodes_what_enters_it(llama):
+    """Two SAEs at one site: ``a`` clamps first, then the TopK SAE ``t`` (read, so its full encoding
+    is computed anyway) clamps where its own latent is above a threshold. The condition reads t's
+    latents of the activation entering the site; t's edit and readout use x after a's edit."""
+    site = HookSite.parse("blocks.1.hook_resid_post")
+    a = AttachedSae("a", make_sae("jumprelu", D, 48, 51), site)
+    t = AttachedSae("t", make_sae("topk", D, 64, 52, k=8), site)
+    both = {"a": a, "t": t}
+    ids = ids_of(2, 7, 3)
+    _, x_in = unhooked_outputs(llama, ids, [0, 1])
+    with torch.no_grad():
+        f_in = t.sae.encode(x_in)
+        lat, thr = busy_latent(f_in)
+        cond = f_in[..., lat] > thr
+        x_a = x_in + (3.0 - by_hand(a.sae, x_in)[..., 2:3]) * a.sae.W_dec[2]
+        f_a = t.sae.encode(x_a)
+        expected = x_a + cond.unsqueeze(-1) * (1.5 - f_a[..., 5:6]) * t.sae.W_dec[5]
+    assert cond.any() and not cond.all()
+    plan = resolve(InterventionPlan((LatentEdit("a", EditOp.SET, (2,), 3.0),
+                                     LatentEdit("t", EditOp.SET, (5,), 1.5, condition=Condition("t", lat, threshold=thr)))), both)
+    with torch.no_grad(), SteeringContext(llama, both, [plan, plan], ReadoutSpec(("t",), top_k=8)) as ctx:
+        ctx.prefill()
+        with probe(llama.model.layers[1]) as log:
+            llama(ids)
+    torch.testing.assert_close(log["after"][0], expected, atol=1e-5, rtol=0)
+    before = ctx.readouts()[0]["t"].prompt.before
+    top = f_a[0].topk(8, dim=-1)
+    torch.testing.assert_close(before.values, top.values, atol=1e-5, rtol=0)
