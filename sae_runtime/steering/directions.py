@@ -133,7 +133,7 @@ class DirectionGroup:
     all_rows: bool
     plan_rows: tuple[int, ...]
     dirs: Tensor
-    alpha: Tensor
+    alpha: Tensor | None
     beta: Tensor | None
     gamma: Tensor | None
     value: Tensor
@@ -141,6 +141,7 @@ class DirectionGroup:
     cond: Tensor | None
     conditions: tuple[Condition, ...]
     dtype: torch.dtype
+    any_cap: bool = True  # some slot is project_cap (else the target is the value itself)
 
 
 def make_direction_group(table: DirectionTable, batch_rows: Sequence[int], plan_rows: Sequence[int], n_batch: int,
@@ -149,7 +150,7 @@ def make_direction_group(table: DirectionTable, batch_rows: Sequence[int], plan_
     sel = torch.tensor(list(plan_rows), dtype=torch.long)
     pick = lambda t: t.index_select(1, sel)  # noqa: E731
     coef = lambda t: t.unsqueeze(-1).unsqueeze(-1).to(device=device, dtype=dtype)  # noqa: E731
-    beta, gamma = pick(table.beta), pick(table.gamma)
+    alpha, beta, gamma, is_cap = pick(table.alpha), pick(table.beta), pick(table.gamma), pick(table.is_cap)
     cond_cpu = pick(table.cond)
     cond, conditions = None, ()
     used = sorted(set(cond_cpu.unique().tolist()) - {0})
@@ -163,36 +164,44 @@ def make_direction_group(table: DirectionTable, batch_rows: Sequence[int], plan_
         all_rows=list(batch_rows) == list(range(n_batch)),
         plan_rows=tuple(plan_rows),
         dirs=pick(table.dirs).to(device=device, dtype=dtype),
-        alpha=coef(pick(table.alpha)),
+        alpha=coef(alpha) if bool((alpha != 0).any()) else None,
         beta=coef(beta) if bool((beta != 0).any()) else None,
         gamma=coef(gamma) if bool((gamma != 0).any()) else None,
         value=coef(pick(table.value)),
-        is_cap=pick(table.is_cap).unsqueeze(-1).unsqueeze(-1).to(device),
+        is_cap=is_cap.unsqueeze(-1).unsqueeze(-1).to(device),
         cond=cond,
         conditions=conditions,
         dtype=dtype,
+        any_cap=bool(is_cap.any()),
     )
 
 
 def apply_directions(g: DirectionGroup, x: Tensor, weight: Tensor | None, masks: Tensor | None) -> Tensor:
     """x (R, N, d) after every slot in order. ``weight`` (R, N, 1) scope weight or None (all 1);
-    ``masks`` (R, N, 1 + C) bool as for :func:`~.compile.apply_ops` (needed when ``g.cond`` is set)."""
+    ``masks`` (R, N, 1 + C) bool as for :func:`~.compile.apply_ops` (needed when ``g.cond`` is set).
+
+    Each slot is x' = x + (w * k) * dir in one ``addcmul``; terms whose coefficients are zero for
+    every row (no adds, no norm-relative adds, no projections, no caps) are skipped.
+    """
     for p in range(g.dirs.shape[0]):
         d = g.dirs[p]  # (R, d)
-        k = g.alpha[p]
+        k = g.alpha[p] if g.alpha is not None else None  # (R, 1, 1), then (R, N, 1)
         if g.beta is not None:
-            k = k + g.beta[p] * x.norm(dim=-1, keepdim=True)
+            term = g.beta[p] * x.norm(dim=-1, keepdim=True)
+            k = term if k is None else k + term
         if g.gamma is not None:
             c = torch.bmm(x, d.unsqueeze(-1))  # (R, N, 1)
-            target = torch.where(g.is_cap[p], torch.minimum(c, g.value[p]), g.value[p])
-            k = k + g.gamma[p] * (target - c)
+            target = torch.where(g.is_cap[p], torch.minimum(c, g.value[p]), g.value[p]) if g.any_cap else g.value[p]
+            term = g.gamma[p] * (target - c)
+            k = term if k is None else k + term
+        if k is None:
+            continue
         w = weight
         if g.cond is not None and masks is not None:
             idx = g.cond[p].view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1)
             m = torch.gather(masks, 2, idx).to(x.dtype)
             w = m if w is None else w * m
-        delta = k * d.unsqueeze(1)
-        x = x + (delta if w is None else w * delta)
+        x = torch.addcmul(x, k if w is None else k * w, d.unsqueeze(1))
     return x
 
 
