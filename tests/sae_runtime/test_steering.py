@@ -3,7 +3,6 @@ and against each row run alone. Tiny HF models are built from configs, saved and
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -13,30 +12,14 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava, build_tiny_unet
 from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, TokenScope, VisionScope
-from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-
-D = 32  # d_model of the tiny LMs
-
-
-def make_sae(arch: str, d_in: int, d_sae: int, seed: int, **cfg) -> torch.nn.Module:
-    """A random SAE: matrices ~ N(0, 0.3^2), vectors ~ N(0, 0.1^2), thresholds ~ U(0, 0.2)."""
-    sae = build_sae(SaeConfig(arch, d_in, d_sae, **cfg)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if name == "threshold":
-                p.copy_(torch.rand(p.shape, generator=g) * 0.2)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.1))
-    return sae
+from tests.sae_runtime.steering_helpers import D, jumprelu_by_hand, make_sae, probe
 
 
-def jumprelu_by_hand(sae, x):
-    """f = relu(h) * (h > threshold), h = (x - b_dec) @ W_enc + b_enc: written out, not sae.encode."""
-    h = torch.einsum("...d,df->...f", x - sae.b_dec, sae.W_enc) + sae.b_enc
-    return torch.where(h > sae.threshold, h.clamp_min(0), torch.zeros_like(h))
+
+
+
 
 
 def edit(sae: str, op: EditOp, latents, value=0.0, normalize=False) -> LatentEdit:
@@ -70,22 +53,6 @@ def ids_of(batch, length, seed, vocab=128):
     return torch.randint(5, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@contextmanager
-def probe(module, inputs: bool = False):
-    """(before, after) outputs (or inputs) of ``module`` around the steering hook (enter inside the context)."""
-    first = lambda o: (o[0] if isinstance(o, tuple) else getattr(o, "sample", o)).detach().clone()  # noqa: E731
-    log = {"before": [], "after": []}
-    if inputs:
-        h1 = module.register_forward_pre_hook(lambda m, a: log["before"].append(first(a)), prepend=True)
-        h2 = module.register_forward_pre_hook(lambda m, a: log["after"].append(first(a)))
-    else:
-        h1 = module.register_forward_hook(lambda m, a, o: log["before"].append(first(o)), prepend=True)
-        h2 = module.register_forward_hook(lambda m, a, o: log["after"].append(first(o)))
-    try:
-        yield log
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 # -- exactness ---------------------------------------------------------------------------------

@@ -14,27 +14,13 @@ from sae_runtime.plan import Compare, Condition, EditOp, InterventionPlan, Laten
 from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-
-D = 32
-
-
-def make_sae(arch: str, d_in: int, d_sae: int, seed: int, **cfg) -> torch.nn.Module:
-    sae = build_sae(SaeConfig(arch, d_in, d_sae, **cfg)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if name == "threshold":
-                p.copy_(torch.rand(p.shape, generator=g) * 0.2)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.1))
-    return sae
+from tests.sae_runtime.steering_helpers import D, make_sae, probe, resolve
+from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 
-@torch.no_grad()
-def by_hand(sae, x):
-    """JumpReLU latents written out: relu(h) * (h > threshold), h = (x - b_dec) @ W_enc + b_enc."""
-    h = torch.einsum("...d,df->...f", x - sae.b_dec, sae.W_enc) + sae.b_enc
-    return torch.where(h > sae.threshold, h.clamp_min(0), torch.zeros_like(h))
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +37,12 @@ def saes():
     }
 
 
-def resolve(p: InterventionPlan, saes) -> InterventionPlan:
-    return p.resolve({k: a.sae for k, a in saes.items()}, sae_sites={k: a.site for k, a in saes.items()})
 
 
 def ids_of(batch, length, seed):
     return torch.randint(5, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@contextmanager
-def probe(module):
-    """Outputs of ``module`` before and after the steering hook (enter inside the context)."""
-    log = {"before": [], "after": []}
-    first = lambda o: (o[0] if isinstance(o, tuple) else o).detach().clone()  # noqa: E731
-    h1 = module.register_forward_hook(lambda m, a, o: log["before"].append(first(o)), prepend=True)
-    h2 = module.register_forward_hook(lambda m, a, o: log["after"].append(first(o)))
-    try:
-        yield log
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 def unhooked_outputs(model, ids, layers):

@@ -3,7 +3,6 @@ hand computation on the activation the hook sees; and their validation."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,29 +11,15 @@ from transformers import AutoModelForCausalLM
 from sae_runtime.demo.tiny_models import build_tiny_causal_lm
 from sae_runtime.errors import InvalidArgument
 from sae_runtime.plan import Condition, EditOp, InterventionPlan, LatentEdit
-from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-
-D = 32
-
-
-def make_sae(arch: str, d_in: int, d_sae: int, seed: int, **cfg) -> torch.nn.Module:
-    sae = build_sae(SaeConfig(arch, d_in, d_sae, **cfg)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if name == "threshold":
-                p.copy_(torch.rand(p.shape, generator=g) * 0.2)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.1))
-    return sae
+from tests.sae_runtime.steering_helpers import D, make_sae, probe, resolve
+from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 
-@torch.no_grad()
-def by_hand(sae, x):
-    h = torch.einsum("...d,df->...f", x - sae.b_dec, sae.W_enc) + sae.b_enc
-    return torch.where(h > sae.threshold, h.clamp_min(0), torch.zeros_like(h))
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +33,14 @@ def saes():
     return {"p": AttachedSae("p", make_sae("jumprelu", D, 48, 51), HookSite.parse("blocks.1.hook_resid_pre"))}
 
 
-def resolve(p, saes):
-    return p.resolve({k: a.sae for k, a in saes.items()}, sae_sites={k: a.site for k, a in saes.items()})
 
 
-@contextmanager
-def probe_inputs(module):
-    log = {"before": [], "after": []}
-    h1 = module.register_forward_pre_hook(lambda m, a: log["before"].append(a[0].detach().clone()), prepend=True)
-    h2 = module.register_forward_pre_hook(lambda m, a: log["after"].append(a[0].detach().clone()))
-    try:
-        yield log
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 def run(llama, saes, plans, ids):
     with torch.no_grad(), SteeringContext(llama, saes, plans) as ctx:
         ctx.prefill()
-        with probe_inputs(llama.model.layers[1]) as log:
+        with probe(llama.model.layers[1], inputs=True) as log:
             llama(ids)
     return log["before"][0], log["after"][0]
 

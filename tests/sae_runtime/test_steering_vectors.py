@@ -3,7 +3,6 @@ vectors, presets, describe and conditions; the hooked sites following set_plans.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
 from sae_runtime.vectors import load_vector
+from tests.sae_runtime.steering_helpers import probe
 
 D = 32
 
@@ -51,17 +51,6 @@ def resolve(p, saes, **kw):
                      site_width=lambda s: 2 * D if s.kind.value == "mlp_io" else D, **kw)
 
 
-@contextmanager
-def probe(module):
-    log = {"before": [], "after": []}
-    first = lambda o: (o[0] if isinstance(o, tuple) else o).detach().clone()  # noqa: E731
-    h1 = module.register_forward_hook(lambda m, a, o: log["before"].append(first(o)), prepend=True)
-    h2 = module.register_forward_hook(lambda m, a, o: log["after"].append(first(o)))
-    try:
-        yield log
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 def hooked_at(llama, saes, plans, ids, layer=1):
