@@ -265,3 +265,19 @@ def test_image_rows_join_text_rows_already_decoding_in_the_engine(backend):
     engine.wait([text, *images])
     for run, want in zip([text, *images], solo):
         assert [t.id for t in run.result.steered.tokens] == [t.id for t in want.steered.tokens]
+
+
+def test_variants_with_vision_edits_equal_each_plan_sent_alone(backend):
+    """Variants are more rows of one request: each with its own vision/text edits and the request's
+    seed, image encoded per row under that row's plan."""
+    plans = (
+        InterventionPlan(edits=(LatentEdit(sae="vis", op=EditOp.SET, latents=(5, 9), value=60.0),)),
+        InterventionPlan(edits=(LatentEdit(sae="lm", op=EditOp.ABLATE, latents=(1, 2, 3)),)),
+        InterventionPlan(),
+    )
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.9, seed=5)
+    res = generate(backend, prompt="what is this", image=png(2), sampling=sampling, plan=plans[0], variants=plans[1:])
+    solo = [generate(backend, prompt="what is this", image=png(2), sampling=sampling, plan=p) for p in plans]
+    assert [t.id for t in res.steered.tokens] == [t.id for t in solo[0].steered.tokens]
+    assert [[t.id for t in v.completion.tokens] for v in res.variants] == [[t.id for t in s.steered.tokens] for s in solo[1:]]
+    assert [t.id for t in solo[0].steered.tokens] != [t.id for t in solo[2].steered.tokens]  # the vision clamp matters

@@ -16,6 +16,7 @@ from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
 from sae_runtime.errors import FormatError, InvalidArgument, NotFound, TooLarge
 from sae_runtime.formats import save_native
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
+from sae_runtime.sites import HookSite
 
 MID = "unet.mid_block.attentions.0"
 UP = "unet.up_blocks.0.attentions.1"
@@ -246,3 +247,32 @@ def test_batches_over_the_limit_run_in_passes_and_errors_name_the_request(backen
         assert e.value.field == "requests[1].num_inference_steps"
     finally:
         small.close()
+
+
+def test_presets_and_vectors_on_a_unet_block(pipe_dir, tmp_path):
+    """A preset by name gives the image its inline edits give; a steering vector at a U-Net block
+    adds v * d to the block's update at every position (checked on the recorded update)."""
+    from safetensors.torch import save_file
+
+    from sae_runtime.backends.spec import VectorSpec
+    from sae_runtime.plan import VectorEdit
+
+    save_native(random_sae(MID, 1), tmp_path / "mid")
+    width = 64
+    save_file({"d": torch.randn(width, generator=torch.Generator().manual_seed(4))}, str(tmp_path / "v.safetensors"))
+    clamp = InterventionPlan(edits=(LatentEdit(sae="mid", op=EditOp.SET, latents=(3, 5), value=60.0),))
+    b = SdxlTurboBackend.from_spec(ModelSpec(
+        name="tiny-sdxl", kind="sdxl_turbo", path=str(pipe_dir), saes=(SaeSpec("mid", str(tmp_path / "mid")),),
+        vectors=(VectorSpec("v", str(tmp_path / "v.safetensors"), MID),), presets=(("clamp", clamp),)))
+    try:
+        assert b.info().presets == ("clamp",) and b.info().vectors == (("v", HookSite.parse(MID).name),)
+        by_name = run(b, prompt="a red cat", seed=3, num_inference_steps=1, plan=InterventionPlan(presets=("clamp",)))
+        inline = run(b, prompt="a red cat", seed=3, num_inference_steps=1, plan=clamp)
+        assert by_name.png == inline.png
+        plain = block_updates(b, MID, prompt="a red cat", seed=3, num_inference_steps=1)
+        pushed = block_updates(b, MID, prompt="a red cat", seed=3, num_inference_steps=1,
+                               plan=InterventionPlan(vectors=(VectorEdit(vector="v", value=0.5),)))
+        d = b.plan_resources.vectors["v"].direction
+        torch.testing.assert_close(pushed[0], plain[0] + 0.5 * d, atol=1e-5, rtol=0)
+    finally:
+        b.close()
