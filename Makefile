@@ -50,6 +50,7 @@ demo-models: $(STAMP)
 eval-demo: $(STAMP)
 	$(PY) -m sae_runtime.demo.eval --models models --out reports/demo_eval.json
 	$(PY) -m sae_runtime.demo.shapes_eval --models models --out reports/demo_eval.json
+	$(PY) -m sae_runtime.demo.shapes_mitigation --models models --out reports/demo_eval.json
 
 bench: $(STAMP) $(STUBS)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -74,3 +74,15 @@ def test_clamping_the_up_blocks_green_latent_recolours_the_shape(sdxl):
     res = sdxl.generate_images([ImageRequest(prompt=s.caption, seed=91_006 + i, plan=plan, include_default=True) for i, s in enumerate(scenes)])
     assert np.mean([sw.dominant_colour(se.decode(r.png)) == "green" for r in res]) >= 0.6
     assert np.mean([sw.dominant_colour(se.decode(r.default_png)) == s.colour for r, s in zip(res, scenes)]) >= 0.8
+
+
+def test_risk_gated_abstention_on_the_llava_demo_halves_wrong_colours_and_the_engine_agrees():
+    """The shipped LLaVA probe gates abstention: on noisy images fewer wrong colours, clean images
+    still answered; the engine's own mitigation gives exactly the answers the curve assumes."""
+    from sae_runtime.demo import shapes_mitigation as sm
+
+    report = sm.evaluate(MODELS, n_mixed=88, n_intact=32, n_calibration=88, log=lambda *_: None)
+    assert report["engine_agrees"] == 1.0
+    assert report["halluc_rate"] > 0.1  # noisy images do make it answer wrong colours
+    assert report["halluc_rate_mitigated"] <= 0.5 * report["halluc_rate"]
+    assert report["fact_accuracy_mitigated"] >= 0.9
