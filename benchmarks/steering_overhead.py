@@ -23,6 +23,10 @@ venv with sae-lens; sae-lens is not a dependency of this project): SAELens'
 HookedSAETransformer on the same weights (the HF checkpoint converted to a HookedTransformer, the
 same SAE directory) generating the same 64 greedy tokens under the same clamp, and prints
 ``ours / SAELens`` for the steered case (CPU time of each, same thread count).
+
+Measured path and baselines: every case above is the production call (``backend.generate``); the
+baseline of the last line is the empty-plan request through that same call, and SAELens' direct
+model calls in ``_support/saelens_peer.py`` are the peer baseline of the ``ours / SAELens`` line only.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ to a gRPC status with a message a client can act on. The mapping lives in one pl
 
 from __future__ import annotations
 
+import sys
+from typing import Callable, Sequence
+
 
 class SaeRuntimeError(Exception):
     """Base class. ``field`` is the dotted request field (or file path) the error is about."""
@@ -65,3 +68,13 @@ class Cancelled(SaeRuntimeError):
     """The caller cancelled the request (or went away) before it finished."""
 
     status = "CANCELLED"
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """A command line's exit code: ``main(argv)``, or 2 with ``error: <field>: <message>`` on stderr
+    when it raises a :class:`SaeRuntimeError` (bad arguments or files; no traceback)."""
+    try:
+        return main(argv)
+    except SaeRuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

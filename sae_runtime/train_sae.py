@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from sae_runtime.errors import SaeRuntimeError
+from sae_runtime.errors import run_cli
 from sae_runtime.training.trainer import ARCHITECTURES, TrainConfig
 
 REPORT_FILE = "training_report.json"
@@ -109,11 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except SaeRuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,22 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def _routed(rpc: str, response: type, method: str, *, timed: bool = True) -> Callable[..., Awaitable[Any]]:
+    """The ingress method of a unary Steering RPC: routed by ``request.model`` to that model
+    deployment's ``method`` (called with the request and, when ``timed``, the arrival time)."""
+
+    async def handler(self: "SteeringIngress", request: Any, grpc_context: RayServegRPCContext) -> Any:
+        def call(handle: DeploymentHandle, started: float) -> Awaitable[Any]:
+            remote = getattr(handle, method).remote
+            return remote(request, started) if timed else remote(request)
+
+        return await self._unary(rpc, request.model, grpc_context, response, call)
+
+    handler.__name__ = handler.__qualname__ = rpc
+    handler.__doc__ = f"{rpc}: routed to the model deployment's ``{method}``."
+    return handler
+
+
 @serve.deployment
 @serve.ingress()
 class SteeringIngress:
@@ -110,43 +126,13 @@ class SteeringIngress:
             self._record(method, model, status, started)
 
     # -- Steering --------------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        return await self._unary(
-            "Generate", request.model, grpc_context, pb.GenerateResponse, lambda h, t: h.generate.remote(request, t)
-        )
-
-    async def GenerateMultimodal(
-        self, request: pb.GenerateMultimodalRequest, grpc_context: RayServegRPCContext
-    ) -> pb.GenerateResponse:
-        return await self._unary(
-            "GenerateMultimodal", request.model, grpc_context, pb.GenerateResponse, lambda h, t: h.generate.remote(request, t)
-        )
-
-    async def GenerateImage(self, request: pb.GenerateImageRequest, grpc_context: RayServegRPCContext) -> pb.GenerateImageResponse:
-        return await self._unary(
-            "GenerateImage", request.model, grpc_context, pb.GenerateImageResponse, lambda h, t: h.generate_image.remote(request, t)
-        )
-
-    async def Encode(self, request: pb.EncodeRequest, grpc_context: RayServegRPCContext) -> pb.EncodeResponse:
-        return await self._unary("Encode", request.model, grpc_context, pb.EncodeResponse, lambda h, t: h.encode.remote(request, t))
-
-    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, grpc_context: RayServegRPCContext) -> pb.SearchFeaturesResponse:
-        return await self._unary(
-            "SearchFeatures", request.model, grpc_context, pb.SearchFeaturesResponse, lambda h, t: h.search_features.remote(request)
-        )
-
-    async def EvaluateSae(self, request: pb.EvaluateSaeRequest, grpc_context: RayServegRPCContext) -> pb.EvaluateSaeResponse:
-        return await self._unary(
-            "EvaluateSae", request.model, grpc_context, pb.EvaluateSaeResponse, lambda h, t: h.evaluate_sae.remote(request, t)
-        )
-
-    async def ComputeSteeringVector(
-        self, request: pb.ComputeSteeringVectorRequest, grpc_context: RayServegRPCContext
-    ) -> pb.ComputeSteeringVectorResponse:
-        return await self._unary(
-            "ComputeSteeringVector", request.model, grpc_context, pb.ComputeSteeringVectorResponse,
-            lambda h, t: h.compute_steering_vector.remote(request, t),
-        )
+    Generate = _routed("Generate", pb.GenerateResponse, "generate")
+    GenerateMultimodal = _routed("GenerateMultimodal", pb.GenerateResponse, "generate")
+    GenerateImage = _routed("GenerateImage", pb.GenerateImageResponse, "generate_image")
+    Encode = _routed("Encode", pb.EncodeResponse, "encode")
+    SearchFeatures = _routed("SearchFeatures", pb.SearchFeaturesResponse, "search_features", timed=False)
+    EvaluateSae = _routed("EvaluateSae", pb.EvaluateSaeResponse, "evaluate_sae")
+    ComputeSteeringVector = _routed("ComputeSteeringVector", pb.ComputeSteeringVectorResponse, "compute_steering_vector")
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Relay the model deployment's token stream. An error sets the status and ends the stream

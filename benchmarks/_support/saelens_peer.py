@@ -1,6 +1,10 @@
 """SAELens' side of steering_overhead.py: HookedSAETransformer steered greedy generation, the PEER
 baseline our engine is compared against (so it calls the model directly, by design).
 
+Baseline, not the measured path: every model call here is SAELens' (or, once, the HF model's, to
+check the weight conversion); the measured path, our engine through ``CausalLmBackend.generate``,
+runs in steering_overhead.py, which compares its CPU time with the figures this script prints.
+
 Run with the python of a scratch venv holding sae-lens (and torch==2.13.0); it imports nothing
 from this project. The HF Llama checkpoint at ``--model`` is converted to a HookedTransformer
 (TransformerLens' own Llama config mapping and ``convert_llama_weights``, no weight processing, so
@@ -70,7 +74,7 @@ def main() -> None:
     hook = sae.cfg.metadata.hook_name
     latents = torch.tensor(json.loads(args.latents))
     prompt = torch.tensor([json.loads(args.prompt_ids)])
-    with torch.no_grad():
+    with torch.no_grad():  # conversion check (not timed): SAELens' model vs the HF checkpoint it came from
         logit_diff = float((model(prompt) - hf(prompt).logits).abs().max())
 
     def clamp(acts: torch.Tensor, hook=None) -> torch.Tensor:
@@ -78,6 +82,7 @@ def main() -> None:
         return acts
 
     def generate(steered: bool) -> tuple[float, float, list[int]]:
+        """The baseline: SAELens' own generate, plain or under the SAE and the clamp hook."""
         gc.collect()
         w0, c0 = time.perf_counter(), time.process_time()
         kw = dict(max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False)

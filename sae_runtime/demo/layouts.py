@@ -71,15 +71,7 @@ def layout_item(rng: random.Random, layout: str, variant: str, noise: float = 0.
     sentences = [world.fact_sentence(*f) for f in kept]
     for st in stories:
         sentences.insert(rng.randint(0, len(sentences)), st)
-    if variant == "shuffled":
-        for s in sentences:
-            body = s[:-1]
-            rng.shuffle(body)
-            s[:-1] = body
-    words = [w for s in sentences for w in s]
-    if variant == "noise":
-        vocab = [w for w in world.vocabulary() if w != "." and w not in world.QA_WORDS]
-        words = [rng.choice(vocab) if w != "." and rng.random() < noise else w for w in words]
+    words = world.context_words(rng, sentences, variant, noise)
     return world.FactItem(
         prompt=world.fact_prompt(words, animal, fam),
         animal=animal,

@@ -19,7 +19,7 @@ per mode give the answer at every threshold.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -94,20 +94,23 @@ def _point(mixed: _Set, intact: _Set, mode: str, t: float) -> dict[str, float]:
     }
 
 
-def choose_threshold(mixed: _Set, intact: _Set, mode: str, margin: float = 0.8) -> float:
-    """The highest threshold (fewest abstentions) whose hallucination rate is at most ``margin``
-    x half the unmitigated rate with intact accuracy >= MIN_ACCURACY; if none, the lowest
-    hallucination rate with that accuracy (1.0 when no threshold keeps the accuracy)."""
-    points = [_point(mixed, intact, mode, t) for t in THRESHOLDS]
+def pick_threshold(points: Sequence[Mapping[str, float]], plain_halluc: float, margin: float = 0.8) -> float:
+    """From curve points (``threshold``, ``halluc_rate``, ``fact_accuracy``): the highest threshold
+    (fewest abstentions) whose hallucination rate is at most ``margin`` x half ``plain_halluc`` with
+    intact accuracy >= MIN_ACCURACY; if none, the lowest hallucination rate with that accuracy
+    (1.0 when no threshold keeps the accuracy)."""
     ok = [p for p in points if p["fact_accuracy"] >= MIN_ACCURACY]
     if not ok:
         return 1.0
-    goal = margin * 0.5 * mixed.halluc_rate(mixed.plain)
-    meeting = [p for p in ok if p["halluc_rate"] <= goal]
+    meeting = [p for p in ok if p["halluc_rate"] <= margin * 0.5 * plain_halluc]
     if meeting:
         return max(p["threshold"] for p in meeting)
     return min(ok, key=lambda p: (p["halluc_rate"], -p["threshold"]))["threshold"]
 
+
+def choose_threshold(mixed: _Set, intact: _Set, mode: str, margin: float = 0.8) -> float:
+    """:func:`pick_threshold` over THRESHOLDS for ``mode`` on a calibration set."""
+    return pick_threshold([_point(mixed, intact, mode, t) for t in THRESHOLDS], mixed.halluc_rate(mixed.plain), margin)
 
 def evaluate(
     backend: Any, seed: int, n_mixed: int = 600, n_intact: int = 300, n_calibration: int = 240, n_held_out: int = 400,
@@ -178,4 +181,4 @@ def evaluate(
     }
 
 
-__all__ = ["THRESHOLDS", "choose_threshold", "evaluate", "generate", "prompt_risks", "run_mitigated"]
+__all__ = ["THRESHOLDS", "choose_threshold", "pick_threshold", "evaluate", "generate", "prompt_risks", "run_mitigated"]

@@ -30,11 +30,11 @@ import numpy as np
 from sae_runtime.backends.llava import LlavaBackend
 from sae_runtime.demo import shapes_world as sw
 from sae_runtime.demo.shapes_build import PROBE_NOISE
+from sae_runtime.demo.mitigation_eval import MIN_ACCURACY, pick_threshold
 from sae_runtime.demo.shapes_eval import EVAL_SEED, answers, llava_backend
 from sae_runtime.mitigation import MitigationResources, MitigationSpec
 
 THRESHOLDS = tuple(np.round(np.linspace(0.05, 1.0, 20), 2).tolist())
-MIN_ACCURACY = 0.95
 
 
 def first_colour(text: str) -> str | None:
@@ -77,18 +77,8 @@ def point(mixed: Answered, intact: Answered, t: float, text: str) -> dict[str, f
 
 
 def choose_threshold(mixed: Answered, intact: Answered, text: str, margin: float = 0.8) -> float:
-    """Highest threshold meeting margin x half the unmitigated hallucination rate with intact
-    accuracy >= MIN_ACCURACY; else the lowest hallucination rate keeping that accuracy (1.0 if none)."""
-    points = [point(mixed, intact, t, text) for t in THRESHOLDS]
-    ok = [p for p in points if p["fact_accuracy"] >= MIN_ACCURACY]
-    if not ok:
-        return 1.0
-    goal = margin * 0.5 * mixed.halluc_rate(mixed.texts)
-    meeting = [p for p in ok if p["halluc_rate"] <= goal]
-    if meeting:
-        return max(p["threshold"] for p in meeting)
-    return min(ok, key=lambda p: (p["halluc_rate"], -p["threshold"]))["threshold"]
-
+    """:func:`~sae_runtime.demo.mitigation_eval.pick_threshold` over THRESHOLDS on a calibration set."""
+    return pick_threshold([point(mixed, intact, t, text) for t in THRESHOLDS], mixed.halluc_rate(mixed.texts), margin)
 
 def evaluate(models: str | Path, n_mixed: int = 330, n_intact: int = 120, n_calibration: int = 220, log=print) -> dict[str, Any]:
     """The ``mitigation_llava`` report: curve on held-out images, chosen default, engine check."""

@@ -224,14 +224,10 @@ def fact_prompt(context_words: Sequence[str], animal: str, family: str) -> str:
     return " ".join([*context_words, question_text(animal, family)])
 
 
-def fact_item(rng: random.Random, variant: str, noise: float = 0.0) -> FactItem:
-    """One fact-recall prompt of the given variant (see the module docstring)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}")
-    facts = _sample_facts(rng)
-    animal, fam, value = rng.choice(facts)
-    kept = [f for f in facts if variant != "absent" or f[:2] != (animal, fam)]
-    sentences = [fact_sentence(*f) for f in kept]
+def context_words(rng: random.Random, sentences: list[list[str]], variant: str, noise: float = 0.0) -> list[str]:
+    """A context's words from its sentences under ``variant``: ``shuffled`` permutes the words of
+    each sentence (its ``.`` kept last), ``noise`` replaces each word but ``.`` by a random context
+    word with probability ``noise``; other variants keep the words. Changes ``sentences`` in place."""
     if variant == "shuffled":
         for s in sentences:
             body = s[:-1]
@@ -241,6 +237,17 @@ def fact_item(rng: random.Random, variant: str, noise: float = 0.0) -> FactItem:
     if variant == "noise":
         vocab = [w for w in vocabulary() if w != "." and w not in QA_WORDS]
         words = [rng.choice(vocab) if w != "." and rng.random() < noise else w for w in words]
+    return words
+
+
+def fact_item(rng: random.Random, variant: str, noise: float = 0.0) -> FactItem:
+    """One fact-recall prompt of the given variant (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    facts = _sample_facts(rng)
+    animal, fam, value = rng.choice(facts)
+    kept = [f for f in facts if variant != "absent" or f[:2] != (animal, fam)]
+    words = context_words(rng, [fact_sentence(*f) for f in kept], variant, noise)
     return FactItem(
         prompt=fact_prompt(words, animal, fam),
         animal=animal,

@@ -14,6 +14,16 @@ from sae_runtime.saes import SaeConfig, build_sae
 D = 32  # d_model of the tiny LMs
 
 
+def tiny_llama(directory, seed: int, num_layers: int = 3) -> torch.nn.Module:
+    """A tiny Llama (d_model D) saved to ``directory`` and loaded back with ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_runtime.demo.tiny_models import build_tiny_causal_lm
+
+    path = build_tiny_causal_lm(directory, "llama", seed=seed, num_layers=num_layers, init_std=0.15)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
 def make_sae(arch: str, d_in: int, d_sae: int, seed: int, **cfg) -> torch.nn.Module:
     """A random SAE: matrices ~ N(0, 0.3^2), vectors ~ N(0, 0.1^2), thresholds ~ U(0, 0.2)."""
     sae = build_sae(SaeConfig(arch, d_in, d_sae, **cfg)).eval()
@@ -51,6 +61,25 @@ def probe(module: torch.nn.Module, inputs: bool = False) -> Iterator[dict[str, l
     finally:
         h1.remove()
         h2.remove()
+
+
+def greedy(model, ids, mask, ctx, steps, hits=None) -> torch.Tensor:
+    """Left-padded greedy decode with a KV cache under ``ctx``; the last-position logits of each
+    forward (B, steps + 1, V). ``hits``: a list that gets ``ctx.stop_hits()`` after every decode step."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ctx.prefill(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = pos[:, -1:] + 1
+        ctx.decode()
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[:, -1])
+        if hits is not None:
+            hits.append(ctx.stop_hits())
+    return torch.stack(logits, 1)
 
 
 def resolve(plan: InterventionPlan, saes, **kw) -> InterventionPlan:

@@ -14,7 +14,7 @@ from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.plan import CfgHalf, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, TokenScope, VisionScope
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-from tests.sae_runtime.steering_helpers import D, jumprelu_by_hand, make_sae, probe
+from tests.sae_runtime.steering_helpers import D, greedy, jumprelu_by_hand, make_sae, probe, tiny_llama
 
 
 
@@ -33,8 +33,7 @@ def plan(*edits, scope=Scope(), preserve_error=True, saes=None) -> InterventionP
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = build_tiny_causal_lm(tmp_path_factory.mktemp("llama"), "llama", seed=5, num_layers=3, init_std=0.15)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return tiny_llama(tmp_path_factory.mktemp("llama"), seed=5, num_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -282,21 +281,6 @@ def test_unet_mask_step_window_and_cfg_half(unet):
 
 # -- mixed batches -----------------------------------------------------------------------------
 
-
-def greedy(model, ids, mask, ctx, steps):
-    """Left-padded greedy decode with a KV cache; returns the last-position logits of each forward."""
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    ctx.prefill(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    logits = [out.logits[:, -1]]
-    for _ in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = pos[:, -1:] + 1
-        ctx.decode()
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
 
 
 def test_mixed_batch_rows_equal_each_row_run_alone(llama, lm_saes):

@@ -7,14 +7,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from sae_runtime.demo.tiny_models import build_tiny_causal_lm
 from sae_runtime.plan import Compare, Condition, EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope, TokenScope, VectorEdit
 from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-from tests.sae_runtime.steering_helpers import D, make_sae, probe, resolve
+from tests.sae_runtime.steering_helpers import D, greedy, make_sae, probe, resolve, tiny_llama
 from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 
@@ -25,8 +24,7 @@ from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = build_tiny_causal_lm(tmp_path_factory.mktemp("llama"), "llama", seed=5, num_layers=3, init_std=0.15)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return tiny_llama(tmp_path_factory.mktemp("llama"), seed=5, num_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -146,22 +144,6 @@ def test_conditions_are_read_before_edits_at_their_site(llama, saes):
     delta = delta + cond.unsqueeze(-1) * sum((0 - f[..., i:i + 1]) * sae.W_dec[i] for i in (1, 2))
     torch.testing.assert_close(hooked, x + delta, atol=1e-5, rtol=0)
 
-
-def greedy(model, ids, mask, ctx, steps, hits=None):
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    ctx.prefill(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    logits = [out.logits[:, -1]]
-    for _ in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = pos[:, -1:] + 1
-        ctx.decode()
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
-        logits.append(out.logits[:, -1])
-        if hits is not None:
-            hits.append(ctx.stop_hits())
-    return torch.stack(logits, 1)
 
 
 class _NoCtx:

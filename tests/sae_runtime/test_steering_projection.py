@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from sae_runtime.demo.tiny_models import build_tiny_causal_lm
 from sae_runtime.errors import InvalidArgument
 from sae_runtime.plan import Condition, EditOp, InterventionPlan, LatentEdit
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
-from tests.sae_runtime.steering_helpers import D, make_sae, probe, resolve
+from tests.sae_runtime.steering_helpers import D, make_sae, probe, resolve, tiny_llama
 from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 
@@ -24,8 +22,7 @@ from tests.sae_runtime.steering_helpers import jumprelu_by_hand as by_hand
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-proj"), "llama", seed=6, num_layers=2, init_std=0.15)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return tiny_llama(tmp_path_factory.mktemp("llama-proj"), seed=6, num_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
-from sae_runtime.demo.tiny_models import build_tiny_causal_lm
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge
 from sae_runtime.plan import Compare, Condition, EditOp, InterventionPlan, LatentEdit, Scope, TokenScope, VectorEdit
 from sae_runtime.saes import SaeConfig, build_sae
 from sae_runtime.sites import HookSite
 from sae_runtime.steering import AttachedSae, SteeringContext
 from sae_runtime.vectors import load_vector
-from tests.sae_runtime.steering_helpers import probe
+from tests.sae_runtime.steering_helpers import probe, tiny_llama
 
 D = 32
 
@@ -32,8 +30,7 @@ def make_sae(d_sae: int, seed: int, d_in: int = D) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-vec"), "llama", seed=7, num_layers=3, init_std=0.15)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return tiny_llama(tmp_path_factory.mktemp("llama-vec"), seed=7, num_layers=3)
 
 
 @pytest.fixture(scope="module")
