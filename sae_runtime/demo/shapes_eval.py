@@ -20,7 +20,8 @@ vision-SAE latents / labelled concepts.
 SDXL-Turbo: ``image_colour_accuracy`` (dominant non-background colour of one-step generations
 matches the prompt); ``image_steer_share`` per block (clamp ``color:X`` everywhere, prompts of
 another colour; the best block is the headline); ``image_mask_locality`` (the same edit masked to
-one half of the image: mean absolute pixel change inside over outside); block specialisation
+the half of the image that holds the shape: mean absolute pixel change inside over outside;
+``image_mask_locality_empty_half`` masks the other half); block specialisation
 (which concept families each block's labelled latents hold).
 """
 
@@ -121,7 +122,7 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
     per_colour = max(4, n // 6)
     pool = sw.random_scenes(per_colour * 6, EVAL_SEED + 1)
     for preserve in (False, True):
-        shares, specific = {}, {}
+        shares, specific, said = {}, {}, {}
         for colour in sw.COLOURS:
             lab = f"color:{colour}"
             if lab not in labels:
@@ -134,9 +135,10 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
             shares[colour] = float(np.mean([r.steered.text.split()[:1] == [colour] for r in res]))
             res = answers(backend, scenes, "shape", plan)
             specific[colour] = float(np.mean([correct(r.steered.text, s, "shape") for r, s in zip(res, scenes)]))
+            said[colour] = {w: sum(r.steered.text.split()[:1] == [w] for r in res) for w in sw.SHAPES}
         key = "with_error" if preserve else "without_error"
         steer[key] = {"share": float(np.mean(list(shares.values()))), "specificity": float(np.mean(list(specific.values()))),
-                      "per_colour_share": shares, "per_colour_specificity": specific}
+                      "per_colour_share": shares, "per_colour_specificity": specific, "shape_answers": said}
     out["vlm_steer_share"] = steer["without_error"]["share"]
     out["vlm_steer_specificity"] = steer["without_error"]["specificity"]
     out["vlm_steer"] = steer | {"steer_mult": STEER_MULT, "images_per_colour": per_colour}
@@ -210,24 +212,38 @@ def eval_sdxl(models: str | Path, n_per_colour: int, log=print) -> dict[str, Any
     out["image_steer_by_block"] = {BLOCKS[b]: v for b, v in per_block.items()}
     log("  image steer share by block: " + ", ".join(f"{b} {v['share']:.3f}" for b, v in per_block.items()))
 
-    # mask locality: the best block's edit confined to the half of the image away from the shape
-    ratios = []
+    # mask locality: the best block's edit confined to one half of the image; the headline masks
+    # the half that holds the shape (recolour it, leave the other half alone), the second the
+    # empty half (what the edit writes where there is nothing to recolour, against its leak)
     labels = manifest["saes"][best]["labels"]
-    for i, s in enumerate(scenes[:: max(1, len(scenes) // 24)]):
-        target = next(c for c in sw.COLOURS if c != s.colour and f"color:{c}" in labels)
+    picked = scenes[:: max(1, len(scenes) // 24)]
+    for key, on_shape in (("image_mask_locality", True), ("image_mask_locality_empty_half", False)):
+        ratios = mask_ratios(backend, best, labels, picked, on_shape)
+        out[key] = float(np.median(ratios))
+        out[f"{key}_mean"] = float(np.mean(ratios))
+    log(f"  image mask locality (median inside/outside): shape half {out['image_mask_locality']:.2f}, "
+        f"empty half {out['image_mask_locality_empty_half']:.2f}")
+    return out
+
+
+def mask_ratios(backend: SdxlTurboBackend, block: str, labels: dict[str, Any], scenes: Sequence[sw.Scene], on_shape: bool) -> list[float]:
+    """Per scene: mean absolute pixel change inside the mask over outside, the ``block`` clamp of
+    another colour (each in turn) masked to the half of the image holding the shape (``on_shape``)
+    or the other."""
+    ratios = []
+    for i, s in enumerate(scenes):
+        others = [c for c in sw.COLOURS if c != s.colour and f"color:{c}" in labels]
+        target = others[i % len(others)]  # every target colour in turn
+        shape_left = s.position.endswith("left")
         mask = torch.zeros(sw.SIDE, sw.SIDE)
-        left = s.position.endswith("right")  # edit the empty half
-        mask[:, : sw.SIDE // 2] = 1.0 if left else 0.0
-        mask[:, sw.SIDE // 2 :] = 0.0 if left else 1.0
-        plan = clamp(best, f"color:{target}", IMAGE_STEER_MULT * labels[f"color:{target}"]["mean_on"], mask=mask)
+        mask[:, : sw.SIDE // 2] = 1.0 if shape_left == on_shape else 0.0
+        mask[:, sw.SIDE // 2 :] = 1.0 - mask[:, : sw.SIDE // 2]
+        plan = clamp(block, f"color:{target}", IMAGE_STEER_MULT * labels[f"color:{target}"]["mean_on"], mask=mask)
         r = backend.generate_images([ImageRequest(prompt=s.caption, seed=EVAL_SEED + 900 + i, plan=plan, include_default=True)])[0]
         diff = np.abs(decode(r.png).astype(float) - decode(r.default_png).astype(float)).mean(-1)
         m = mask.numpy() > 0.5
         ratios.append(diff[m].mean() / max(diff[~m].mean(), 1e-3))
-    out["image_mask_locality"] = float(np.median(ratios))
-    out["image_mask_locality_mean"] = float(np.mean(ratios))
-    log(f"  image mask locality (median inside/outside) {out['image_mask_locality']:.2f}")
-    return out
+    return ratios
 
 
 def evaluate(models: str | Path, n: int = 120, n_per_colour: int = 10, parts: Sequence[str] = ("llava", "sdxl"), log=print) -> dict[str, Any]:
