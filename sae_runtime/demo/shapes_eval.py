@@ -15,7 +15,8 @@ X, share of colour answers equal to X, averaged over colours, without the error 
 ``vlm_steer_specificity``: under the same clamp the shape answer stays right; ``vlm_risk_auroc``:
 the probe's prompt-time score against "the colour answer is wrong", over noise 0..1, with per
 noise level accuracy, mean answer confidence (probability of the greedy first token) and active
-vision-SAE latents / labelled concepts.
+vision-SAE latents / labelled concepts; ``dictionaries.vision``: the vision SAE measured as the
+LM's dictionaries are (:mod:`.shapes_dictionary`).
 
 SDXL-Turbo: ``image_colour_accuracy`` (dominant non-background colour of one-step generations
 matches the prompt); ``image_steer_share`` per block (clamp ``color:X`` everywhere, prompts of
@@ -122,7 +123,7 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
     per_colour = max(4, n // 6)
     pool = sw.random_scenes(per_colour * 6, EVAL_SEED + 1)
     for preserve in (False, True):
-        shares, specific, said = {}, {}, {}
+        shares, specific, said, words = {}, {}, {}, {}
         for colour in sw.COLOURS:
             lab = f"color:{colour}"
             if lab not in labels:
@@ -133,15 +134,27 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
             plan = clamp("vision", lab, value, preserve)
             res = answers(backend, scenes, "colour", plan)
             shares[colour] = float(np.mean([r.steered.text.split()[:1] == [colour] for r in res]))
+            words[colour] = float(np.mean([r.steered.text.split()[:1] in [[c] for c in sw.COLOURS] for r in res]))
             res = answers(backend, scenes, "shape", plan)
             specific[colour] = float(np.mean([correct(r.steered.text, s, "shape") for r, s in zip(res, scenes)]))
             said[colour] = {w: sum(r.steered.text.split()[:1] == [w] for r in res) for w in sw.SHAPES}
         key = "with_error" if preserve else "without_error"
         steer[key] = {"share": float(np.mean(list(shares.values()))), "specificity": float(np.mean(list(specific.values()))),
-                      "per_colour_share": shares, "per_colour_specificity": specific, "shape_answers": said}
+                      "per_colour_share": shares, "per_colour_specificity": specific, "shape_answers": said,
+                      "colour_word_share": float(np.mean(list(words.values()))) if words else 0.0}
     out["vlm_steer_share"] = steer["without_error"]["share"]
     out["vlm_steer_specificity"] = steer["without_error"]["specificity"]
     out["vlm_steer"] = steer | {"steer_mult": STEER_MULT, "images_per_colour": per_colour}
+    from sae_runtime.demo.shapes_dictionary import measure_vision
+
+    vision = measure_vision(backend.model, backend.processor, backend.saes["vision"], n, EVAL_SEED + 3)
+    said = steer["without_error"]["shape_answers"]
+    vision |= {"steer_share": out["vlm_steer_share"], "steer_specificity": out["vlm_steer_specificity"],
+               "steer_well_formed": steer["without_error"]["colour_word_share"], "steer_mult": STEER_MULT,
+               "shape_answers_under_clamp": said}
+    out["dictionaries"] = {"vision": vision}
+    log(f"  vision SAE as a dictionary: " + " ".join(f"{k} {vision[k]:.3f}" for k in ("fvu", "loss_recovered", "ms_mean", "fms_at_1",
+                                                                                     "fms_at_5", "absorption_fraction")))
     log(f"  vlm steer share {steer['without_error']['share']:.3f} (with error term {steer['with_error']['share']:.3f}), "
         f"specificity {steer['without_error']['specificity']:.3f}")
 
@@ -283,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = evaluate(args.models, args.n, parts=(args.only,) if args.only else ("llava", "sdxl"))
     path = Path(args.out)
     merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.setdefault("dictionaries", {}).update(report.pop("dictionaries", {}))
     merged.update(report)
     if all(k in merged for k in ("vlm_colour_accuracy", "image_colour_accuracy")):
         merged.update(summarise(merged, args.models))

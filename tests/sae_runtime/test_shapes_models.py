@@ -86,3 +86,20 @@ def test_risk_gated_abstention_on_the_llava_demo_halves_wrong_colours_and_the_en
     assert report["halluc_rate"] > 0.1  # noisy images do make it answer wrong colours
     assert report["halluc_rate_mitigated"] <= 0.5 * report["halluc_rate"]
     assert report["fact_accuracy_mitigated"] >= 0.9
+
+
+def test_patch_embedding_is_the_multi_hot_of_the_patch_concepts_plus_a_background_unit():
+    from sae_runtime.demo.shapes_dictionary import patch_embedding
+
+    e = patch_embedding([("color:red", "shape:circle"), (), ("shape:circle",)], ["color:red", "shape:circle"])
+    assert e.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+
+
+def test_the_vision_sae_spliced_in_keeps_the_answers_and_zeroing_the_layer_loses_them(llava):
+    from sae_runtime.demo.shapes_dictionary import answer_loss_recovered
+
+    scenes = sw.random_scenes(24, se.EVAL_SEED + 3)
+    r = answer_loss_recovered(llava.model, llava.processor, llava.saes["vision"], scenes)
+    assert r["loss_clean"] < r["loss_with_dict"] < 0.5 < r["loss_zero_ablated"]  # the splice is applied, and costs little
+    expected = (r["loss_zero_ablated"] - r["loss_with_dict"]) / (r["loss_zero_ablated"] - r["loss_clean"])
+    assert r["loss_recovered"] == pytest.approx(expected) and r["loss_recovered"] > 0.9
