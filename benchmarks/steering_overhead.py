@@ -18,7 +18,7 @@ one thread, so CPU time measures the work done and is robust to other load on a 
 the ratios (and the last line, ``ratio <jumprelu clamp / unsteered>``) use CPU time. The engine
 ignores EOS here so that every case generates exactly 64 tokens (checked).
 
-``--saelens-python PATH`` also runs ``_support/saelens_peer.py`` with that interpreter (a scratch
+``--saelens-python PATH`` also runs ``_support/saelens_baseline.py`` with that interpreter (a scratch
 venv with sae-lens; sae-lens is not a dependency of this project): SAELens'
 HookedSAETransformer on the same weights (the HF checkpoint converted to a HookedTransformer, the
 same SAE directory) generating the same 64 greedy tokens under the same clamp, and prints
@@ -26,7 +26,7 @@ same SAE directory) generating the same 64 greedy tokens under the same clamp, a
 
 Measured path and baselines: every case above is the production call (``backend.generate``); the
 baseline of the last line is the empty-plan request through that same call, and SAELens' direct
-model calls in ``_support/saelens_peer.py`` are the peer baseline of the ``ours / SAELens`` line only.
+model calls in ``_support/saelens_baseline.py`` are the peer baseline of the ``ours / SAELens`` line only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ SITE = "blocks.2.hook_resid_post"
 LATENTS = tuple(range(100, 4096, 500))[:8]
 VALUE = 5.0
 PROMPT_TOKENS = 32
-PEER = Path(__file__).resolve().parent / "_support" / "saelens_peer.py"
+SAELENS_BASELINE = Path(__file__).resolve().parent / "_support" / "saelens_baseline.py"
 
 
 def make_sae(architecture: str, seed: int):
@@ -93,8 +93,8 @@ def prompt_of(backend, n_tokens: int) -> str:
 
 
 def run_peer(python: str, lm: Path, sae_dir: Path, prompt_ids: list[int], args) -> dict | None:
-    """SAELens' figures (see _support/saelens_peer.py), or None with the reason printed."""
-    cmd = [python, str(PEER), "--model", str(lm), "--sae", str(sae_dir), "--prompt-ids", json.dumps(prompt_ids),
+    """SAELens' figures (see _support/saelens_baseline.py), or None with the reason printed."""
+    cmd = [python, str(SAELENS_BASELINE), "--model", str(lm), "--sae", str(sae_dir), "--prompt-ids", json.dumps(prompt_ids),
            "--latents", json.dumps(list(LATENTS)), "--value", str(VALUE), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,9 +1,13 @@
-"""SAELens' side of steering_overhead.py: HookedSAETransformer steered greedy generation, the PEER
-baseline our engine is compared against (so it calls the model directly, by design).
+"""The SAELens baseline of steering_overhead.py: HookedSAETransformer steered greedy generation.
 
-Baseline, not the measured path: every model call here is SAELens' (or, once, the HF model's, to
-check the weight conversion); the measured path, our engine through ``CausalLmBackend.generate``,
-runs in steering_overhead.py, which compares its CPU time with the figures this script prints.
+This file is a baseline, never the measured path. The measured path (our engine through
+``CausalLmBackend.generate``, the call the service makes) runs in steering_overhead.py, which
+compares its CPU time with the baseline figures this script prints. The model calls here are of
+two kinds, each marked where it is made:
+
+- ``baseline_generate``: SAELens' own ``generate``, the baseline that is timed;
+- ``conversion_check``: one untimed forward of the SAELens model and of the HF checkpoint it was
+  converted from, to show both compute the same logits (so the baseline runs the same model).
 
 Run with the python of a scratch venv holding sae-lens (and torch==2.13.0); it imports nothing
 from this project. The HF Llama checkpoint at ``--model`` is converted to a HookedTransformer
@@ -51,6 +55,13 @@ def hooked_llama(hf_model, cls):
     return model.eval()
 
 
+def conversion_check(model, hf_model, prompt: torch.Tensor) -> float:
+    """Max |logit difference| (untimed, not a benchmark figure) of the SAELens model against the HF
+    checkpoint it was converted from, on ``prompt`` (1, T)."""
+    with torch.no_grad():
+        return float((model(prompt) - hf_model(prompt).logits).abs().max())  # conversion check, not timed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -74,32 +85,31 @@ def main() -> None:
     hook = sae.cfg.metadata.hook_name
     latents = torch.tensor(json.loads(args.latents))
     prompt = torch.tensor([json.loads(args.prompt_ids)])
-    with torch.no_grad():  # conversion check (not timed): SAELens' model vs the HF checkpoint it came from
-        logit_diff = float((model(prompt) - hf(prompt).logits).abs().max())
+    logit_diff = conversion_check(model, hf, prompt)
 
     def clamp(acts: torch.Tensor, hook=None) -> torch.Tensor:
         acts[..., latents] = args.value
         return acts
 
-    def generate(steered: bool) -> tuple[float, float, list[int]]:
-        """The baseline: SAELens' own generate, plain or under the SAE and the clamp hook."""
+    def baseline_generate(steered: bool) -> tuple[float, float, list[int]]:
+        """The timed baseline: SAELens' own generate, plain or under the SAE and the clamp hook."""
         gc.collect()
         w0, c0 = time.perf_counter(), time.process_time()
         kw = dict(max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False)
         if steered:
             with model.saes(saes=[sae], use_error_term=True):
                 with model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
-                    out = model.generate(prompt, **kw)
+                    out = model.generate(prompt, **kw)  # baseline: SAELens' steered generation
         else:
-            out = model.generate(prompt, **kw)
+            out = model.generate(prompt, **kw)  # baseline: SAELens' plain generation
         return time.perf_counter() - w0, time.process_time() - c0, out[0, prompt.shape[1]:].tolist()
 
-    generate(False), generate(True)  # warm-up
+    baseline_generate(False), baseline_generate(True)  # warm-up
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     tokens: dict[bool, list[int]] = {}
     for rep in range(args.repeats):
         for steered in (False, True) if rep % 2 == 0 else (True, False):
-            w, c, toks = generate(steered)
+            w, c, toks = baseline_generate(steered)
             times[steered].append((w, c))
             tokens[steered] = toks
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
