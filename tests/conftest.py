@@ -111,3 +111,10 @@ def image_backend(service):
     from tests.services.helpers import IMAGE
 
     return _library_backend(service, IMAGE)
+
+
+@pytest.fixture(scope="session")
+def dicts_backend(service):
+    from tests.services.helpers import DICTS
+
+    return _library_backend(service, DICTS)

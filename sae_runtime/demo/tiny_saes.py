@@ -14,15 +14,18 @@ from sae_runtime.risk import ProbeLayout, RiskProbe
 from sae_runtime.saes.base import Sae, SaeConfig, build_sae
 
 
-def random_sae(d_in: int, d_sae: int, hook: str, *, seed: int, labels: Mapping[str, int] | None = None) -> Sae:
-    """A standard (ReLU) SAE with Gaussian weights scaled by 1/sqrt(d_in), biases ~ N(0, 0.1²)
-    on the encoder, and optional concept ``labels`` (label -> latent index)."""
+def random_sae(d_in: int, d_sae: int, hook: str, *, seed: int, labels: Mapping[str, int] | None = None,
+               architecture: str = "standard", k: int | None = None, n_concepts: int = 0) -> Sae:
+    """An SAE of ``architecture`` (default standard ReLU) with Gaussian weights scaled by 1/sqrt(d_in),
+    encoder biases ~ N(0, 0.1²) where it has them, and optional concept ``labels`` (label -> latent
+    index). ``k``: latents kept for top-k-style architectures; ``n_concepts``: a G-SAE's reserved latents."""
     g = torch.Generator().manual_seed(seed)
-    sae = build_sae(SaeConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook))
+    sae = build_sae(SaeConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name=hook, k=k, n_concepts=n_concepts))
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
         sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
-        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        if isinstance(getattr(sae, "b_enc", None), torch.Tensor):
+            sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
     if labels:
         sae.labels = dict(labels)
     return sae

@@ -16,7 +16,7 @@ from steering.v1 import steering_pb2 as pb
 
 from services import loadtest
 from services.healthcheck import main as healthcheck_main
-from tests.services.helpers import IMAGE, LM, LM_LIMITS, VLM
+from tests.services.helpers import IMAGE, LM, LM_LIMITS, SERVED_MODELS, VLM
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_mixed_load_succeeds_and_the_report_adds_up(service, tmp_path):
     assert report["tokens_per_s"] == pytest.approx(sum(s["tokens"] for s in samples) / report["wall_s"])
     assert all(s["batch_size"] >= 1 for s in samples)  # every response carried the service's timings
     assert report["batch_size"]["max"] >= 1
-    assert {m["name"] for m in report["models"]} == {LM, VLM, IMAGE}
+    assert {m["name"] for m in report["models"]} == set(SERVED_MODELS)
     assert "throughput" in out.stdout and "p99" in out.stdout
 
 

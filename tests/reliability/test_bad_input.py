@@ -17,7 +17,7 @@ from steering.v1 import steering_pb2_grpc
 
 from services.client import Generation, SteeringClient, edit, plan
 from tests.reliability.support import CHANNEL_OPTIONS, RPCS, call, unexpected_tracebacks
-from tests.services.helpers import IMAGE, IMG_SAE, LM, LM_LIMITS, LM_SAE, VLM, VLM_SAE, png_bytes
+from tests.services.helpers import IMAGE, IMG_SAE, LM, LM_LIMITS, LM_SAE, SERVED_MODELS, VLM, VLM_SAE, png_bytes
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -247,7 +247,7 @@ def test_list_models_ignores_unknown_fields(service):
         rpc = channel.unary_unary("/steering.v1.Steering/ListModels", request_serializer=None,
                                   response_deserializer=pb.ListModelsResponse.FromString)
         response = rpc(unknown_field, timeout=30)
-    assert sorted(m.name for m in response.models) == sorted([LM, VLM, IMAGE])
+    assert sorted(m.name for m in response.models) == sorted(SERVED_MODELS)
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream", "GenerateMultimodal", "GenerateImage", "Encode", "SearchFeatures"])

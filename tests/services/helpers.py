@@ -18,10 +18,18 @@ IMG_HOOK = "unet.mid_block.attentions.0"
 #: Labels written into the LM's SAE file (label -> latent index).
 LM_LABELS = {"color:red": 3, "color:blue": 5, "animal:cat": 9, "animal:dog": 17, "mood:happy": 40}
 IMG_LABELS = {"texture:fur": 7, "color:red": 11}
+#: The same LM served a second time with three other dictionaries: a G-SAE (top-k-sigmoid, its first
+#: latents the labelled concepts), a SpaDE and the MLP's own neurons (FF-KV, built from the model).
+DICTS = "lm-dicts"
+GSAE, SPADE, FFKV = "gs", "sp", "kv"
+GSAE_LABELS = {"color:red": 0, "color:blue": 1}
+FFKV_LAYER, FFKV_K = 1, 8
 VLM = "vlm"
 VLM_SAE = "vis"
 VLM_HOOK = "vision.layers.1"  # hidden_states[-2] of the tiny 3-layer CLIP tower: what the projector reads
 VLM_LABELS = {"shape:round": 2, "color:green": 6}
+#: Every model the session serves, in config order.
+SERVED_MODELS = ("lm", "lm-dicts", "vlm", "img")
 LM_LIMITS = {"max_new_tokens": 24, "max_prompt_tokens": 64, "max_edits": 16, "max_batch_size": 16,
              "max_inline_vector_dims": 64, "max_variants": 4, "max_vector_prompts": 8}
 #: The LM's declared steering vector (a seeded random direction, file written by build_artifacts).
@@ -66,6 +74,20 @@ def service_config(grpc_port: int, http_port: int = 8000) -> dict:
                 "engine": {"max_running_rows": 16},
                 "resources": small,
                 "max_ongoing_requests": 64,
+            },
+            {
+                "name": DICTS,
+                "kind": "causal_lm",
+                "description": "the tiny llama with a G-SAE, a SpaDE and its own MLP neurons",
+                "path": "lm",
+                "saes": [
+                    {"name": GSAE, "path": f"saes/{GSAE}"},
+                    {"name": SPADE, "path": f"saes/{SPADE}"},
+                    {"name": FFKV, "ffkv": {"layer": FFKV_LAYER, "k": FFKV_K}},
+                ],
+                "limits": LM_LIMITS,
+                "engine": {"max_running_rows": 4},
+                "resources": small,
             },
             {
                 "name": VLM,
@@ -124,7 +146,7 @@ def save_vector(path: Path, direction: torch.Tensor) -> None:
 
 
 def build_artifacts(root: Path) -> Path:
-    """Under ``root``: a tiny Llama LM (+ SAE, risk probe), a tiny LLaVA (+ vision SAE) and a tiny
+    """Under ``root``: a tiny Llama LM (+ SAE, risk probe, G-SAE, SpaDE), a tiny LLaVA (+ vision SAE) and a tiny
     SDXL-Turbo (+ U-Net SAE), saved as users ship them."""
     from sae_runtime.demo.tiny_models import build_tiny_causal_lm, build_tiny_llava
     from sae_runtime.demo.tiny_sdxl import save_tiny_sdxl
@@ -135,6 +157,8 @@ def build_artifacts(root: Path) -> Path:
     save_native(random_sae(32, 64, LM_HOOK, labels=LM_LABELS, seed=1), root / "saes" / LM_SAE)
     save_vector(root / "vectors" / f"{LM_VECTOR}.safetensors", torch.randn(32, generator=torch.Generator().manual_seed(5)))
     random_probe(LM_SAE, 64, labels=LM_LABELS, seed=2).save(root / "risk")
+    save_native(random_sae(32, 64, LM_HOOK, labels=GSAE_LABELS, seed=6, architecture="topk-sigmoid", k=4, n_concepts=2), root / "saes" / GSAE)
+    save_native(random_sae(32, 48, LM_HOOK, seed=7, architecture="spade"), root / "saes" / SPADE)
     build_tiny_llava(root / "llava", seed=0)
     save_native(random_sae(32, 64, VLM_HOOK, labels=VLM_LABELS, seed=4), root / "saes" / VLM_SAE)
     save_tiny_sdxl(root / "sdxl", seed=0)

@@ -15,7 +15,7 @@ import pytest
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc
 
-from tests.services.helpers import IMAGE, LM, LM_LABELS, LM_SAE, VLM, png_bytes
+from tests.services.helpers import IMAGE, LM, LM_LABELS, LM_SAE, SERVED_MODELS, VLM, png_bytes
 
 RED = LM_LABELS["color:red"]
 STEERING = {"edits": [{"sae": LM_SAE, "op": "EDIT_OP_SET", "labels": ["color:red"], "value": 8}]}
@@ -130,7 +130,7 @@ def test_chat_with_an_image_on_llava(oai, stub):
 
 def test_models_lists_every_served_model(oai):
     models = {m.id: m for m in oai.models.list()}
-    assert set(models) == {LM, VLM, IMAGE}
+    assert set(models) == set(SERVED_MODELS)
     assert models[LM].model_extra["steering"]["kind"] == "causal_lm"
     assert models[IMAGE].model_extra["steering"]["saes"][0]["width"] == 128
 

@@ -30,6 +30,7 @@ from tests.services.helpers import (
     LM_HOOK,
     LM_LABELS,
     LM_SAE,
+    SERVED_MODELS,
     VLM,
     VLM_HOOK,
     VLM_LABELS,
@@ -64,7 +65,7 @@ def test_health_check_list_and_watch(service, client):
     with grpc.insecure_channel(service.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         statuses = stub.List(health_pb2.HealthListRequest(), timeout=30).statuses
-        assert set(statuses) == {"", "steering.v1.Steering", LM, VLM, IMAGE}
+        assert set(statuses) == {"", "steering.v1.Steering", *SERVED_MODELS}
         assert {s.status for s in statuses.values()} == {health_pb2.HealthCheckResponse.SERVING}
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -94,7 +95,7 @@ def test_server_reflection_describes_the_api(service):
 
 def test_list_models_describes_models_and_saes(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {LM, VLM, IMAGE}
+    assert set(models) == set(SERVED_MODELS)
     lm, img, vlm = models[LM], models[IMAGE], models[VLM]
     assert (lm.kind, lm.description, lm.has_risk_probe) == ("causal_lm", "tiny random llama", True)
     (sae,) = lm.saes
