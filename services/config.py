@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sae_runtime.backends.spec import EngineConfig, Limits, ModelSpec, SaeSpec
+from services.config_frontend import DEFAULT_MAX_MESSAGE_BYTES, AuthEntry, GrpcEntry, HttpEntry, IngressEntry  # noqa: F401 - re-exported
+from services.config_frontend import Strict as _Strict
 from services.config_steering import PRESET_KEYS, VectorEntry, check_preset_names, preset_plan  # noqa: F401 - re-exported
 
 #: The import path of the application builder, for Serve config files.
@@ -59,10 +61,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class ConfigError(ValueError):
     """The config file is missing, not YAML, or fails validation. The message names each field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_name(value: str) -> str:
@@ -326,52 +324,6 @@ class ModelConfig(_Located):
         else:
             options["num_replicas"] = self.num_replicas
         return options
-
-
-#: Default cap on one gRPC message, request or response (the client's own limit): Ray Serve's proxy
-#: would otherwise accept messages up to 2 GiB.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class GrpcEntry(_Strict):
-    port: int = Field(9000, ge=1, le=65535)
-    request_timeout_s: float | None = Field(None, gt=0)
-    #: The proxy's max_receive/max_send_message_length; a larger message is RESOURCE_EXHAUSTED.
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 20, le=(1 << 31) - 1)
-
-
-class HttpEntry(_Strict):
-    """The HTTP API (services/http) on Ray Serve's HTTP proxy. ``host`` is where ``python -m
-    services.app`` listens (loopback by default, like a local gRPC client's target); rendered
-    Serve configs for clusters listen on all interfaces."""
-
-    port: int = Field(8000, ge=1, le=65535)
-    host: str = "127.0.0.1"
-    #: Larger request bodies are refused with 413 (the counterpart of grpc.max_message_bytes).
-    max_body_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1 << 16, le=(1 << 31) - 1)
-
-
-class AuthEntry(_Strict):
-    """Optional bearer token (``authorization: Bearer <token>`` metadata) for Steering RPCs.
-
-    Prefer ``bearer_token_env`` (the name of an environment variable read by the ingress replica)
-    to a literal ``bearer_token``, which would end up in rendered Serve configs.
-    """
-
-    bearer_token: str | None = Field(None, min_length=8)
-    bearer_token_env: str | None = None
-
-    @model_validator(mode="after")
-    def _at_most_one(self):
-        if self.bearer_token is not None and self.bearer_token_env is not None:
-            raise ValueError("give at most one of 'bearer_token' or 'bearer_token_env'")
-        return self
-
-
-class IngressEntry(_Strict):
-    num_cpus: float = Field(0.1, ge=0.0)
-    num_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(256, ge=1)
 
 
 class ServiceConfig(_Strict):
