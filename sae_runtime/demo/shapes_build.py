@@ -14,7 +14,7 @@ and ``<out>/demo-sdxl-turbo/`` (``pipeline/``, ``saes/<block>``, ``manifest.json
 - SDXL-Turbo: train VAE, text encoders and U-Net (:mod:`.shapes_sdxl`); collect the updates of
   three transformer blocks over one-step generations of every caption; train an SAE per block;
   label latents from the concepts of the caption (every cell: cross-attention writes the
-  prompt everywhere).
+  prompt everywhere), and by what they draw when clamped (``draws:<colour>``, :mod:`.shapes_effects`).
 """
 
 from __future__ import annotations
@@ -51,12 +51,17 @@ class ShapesBuildConfig:
     lm_images: int = 600
     probe_items: int = 900
     sdxl_seeds: int = 2
+    #: ``draws:`` labels: the clamp (x a latent's mean activation where it fires), selection
+    #: prompts, and the share of them a latent must recolour.
+    effect_mult: float = 60.0
+    effect_scenes: int = 24
+    effect_min_share: float = 0.3
     threads: int = 1  # LLaVA and the SAEs: on the shared 2-core build machine a second thread bought nothing
     sdxl_threads: int = 2  # the SDXL U-Net's convolutions: 1.6x faster on 2 threads
 
     def quick(self) -> "ShapesBuildConfig":
         return replace(self, llava=self.llava.quick(), sdxl=self.sdxl.quick(), d_sae=32, k=4, sae_steps=10,
-                       sae_batch=128, vision_images=48, lm_images=24, probe_items=60, sdxl_seeds=1)
+                       sae_batch=128, vision_images=48, lm_images=24, probe_items=60, sdxl_seeds=1, effect_scenes=4)
 
 
 def _train_sae(rows: Tensor, hook: str, model: str, cfg: ShapesBuildConfig, seed: int):
@@ -223,17 +228,19 @@ def build_sdxl(root: Path, cfg: ShapesBuildConfig, log: Callable[[str], None]) -
     torch.set_num_threads(cfg.sdxl_threads)
     try:
         pipe, train_metrics = ss.train(replace(cfg.sdxl, seed=cfg.seed), log)
+        ss.save(pipe, root / "pipeline")
+        train_s = round(time.perf_counter() - t, 1)
+        out = sdxl_saes(pipe, root, cfg, log)
     finally:
         torch.set_num_threads(cfg.threads)
-    ss.save(pipe, root / "pipeline")
-    train_s = round(time.perf_counter() - t, 1)
-    out = sdxl_saes(pipe, root, cfg, log)
     out["timings"]["train"] = train_s
     return {"train": train_metrics, **out}
 
 
 def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """An SAE per U-Net block (:data:`shapes_sdxl.BLOCKS`), labelled, saved under ``root``."""
+    """An SAE per U-Net block (:data:`shapes_sdxl.BLOCKS`), labelled by the caption's concepts and
+    by what its latents draw, saved under ``root`` (which already holds ``pipeline/``)."""
+    from sae_runtime.demo.shapes_effects import draw_labels, sdxl_backend
     from sae_runtime.formats import save_native
 
     timings: dict[str, float] = {}
@@ -242,6 +249,7 @@ def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str]
     seeds = [cfg.seed * 1_000_003 + 17 + i for i in range(len(scenes))]
     updates = block_updates(pipe, [s.caption for s in scenes], seeds)
     saes: dict[str, Any] = {}
+    trained: dict[str, tuple[Any, Tensor]] = {}
     for i, (name, site) in enumerate(ss.BLOCKS.items()):
         u = updates[name]  # (N, h, w, C)
         sae, rep = _train_sae(u.reshape(-1, u.shape[-1]), site, SDXL, cfg, cfg.seed + 20 + i)
@@ -253,8 +261,22 @@ def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str]
         rep["labels"] = label(sae, lat, tags)
         save_native(sae, root / "saes" / name)
         saes[name] = rep
+        fires = (lat > 0).sum(0)
+        trained[name] = (sae, torch.where(lat > 0, lat, 0).sum(0) / fires.clamp(min=1))
     timings["saes"] = round(time.perf_counter() - t, 1)
-    log("  sdxl: " + ", ".join(f"{n} FVU {r['fvu']:.3f} ({len(r['labels'])} labels)" for n, r in saes.items()))
+
+    t = time.perf_counter()
+    backend = sdxl_backend(root)
+    rng = np.random.default_rng(cfg.seed + 40)
+    picked = [sw.all_scenes()[int(i)] for i in rng.choice(len(sw.all_scenes()), size=cfg.effect_scenes, replace=False)]
+    pick_seeds = [cfg.seed * 1_000_003 + 50_000 + i for i in range(len(picked))]
+    for name, (sae, mean_on) in trained.items():
+        draws = draw_labels(backend, name, mean_on, picked, pick_seeds, cfg.effect_mult, cfg.effect_min_share)
+        sae.labels = {**sae.labels, **{lab: d["latent"] for lab, d in draws.items()}}
+        save_native(sae, root / "saes" / name)
+        saes[name]["draws"] = draws
+    timings["draw_labels"] = round(time.perf_counter() - t, 1)
+    log("  sdxl: " + ", ".join(f"{n} FVU {r['fvu']:.3f} ({len(r['labels'])} labels, {len(r['draws'])} draws)" for n, r in saes.items()))
     return {"saes": saes, "timings": timings}
 
 

@@ -19,8 +19,12 @@ vision-SAE latents / labelled concepts; ``dictionaries.vision``: the vision SAE 
 LM's dictionaries are (:mod:`.shapes_dictionary`).
 
 SDXL-Turbo: ``image_colour_accuracy`` (dominant non-background colour of one-step generations
-matches the prompt); ``image_steer_share`` per block (clamp ``color:X`` everywhere, prompts of
-another colour; the best block is the headline); ``image_mask_locality`` (the same edit masked to
+matches the prompt); ``image_steer_share`` per block (clamp the block's ``draws:X`` latent, labelled
+by what it draws on the build's selection prompts (:mod:`.shapes_effects`), everywhere to the
+build's ``effect_mult`` x its mean activation, prompts of another colour and unseen seeds; the best
+block is the headline; a generation counts when the shape comes out X with its area kept within
+2x of the unsteered twin's, :func:`shapes_world.recoloured`; ``colour_label_share`` is the same with the ``color:X`` latent, labelled by
+what it fires on, at ``IMAGE_STEER_MULT``); ``image_mask_locality`` (the same edit masked to
 the half of the image that holds the shape: mean absolute pixel change inside over outside;
 ``image_mask_locality_empty_half`` masks the other half); block specialisation
 (which concept families each block's labelled latents hold).
@@ -29,7 +33,6 @@ the half of the image that holds the shape: mean absolute pixel change inside ov
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -43,7 +46,8 @@ from sae_runtime.backends.llava import LlavaBackend
 from sae_runtime.backends.sdxl_turbo import SdxlTurboBackend
 from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
 from sae_runtime.backends.types import ImageRequest, SamplingParams, TextRequest
-from sae_runtime.demo import shapes_world as sw
+from sae_runtime.demo import shapes_effects, shapes_world as sw
+from sae_runtime.demo.shapes_effects import decode
 from sae_runtime.demo.shapes_build import LLAVA, PROBE_NOISE, SDXL
 from sae_runtime.demo.shapes_sdxl import BLOCKS
 from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
@@ -69,22 +73,13 @@ def llava_backend(models: str | Path) -> LlavaBackend:
 
 
 def sdxl_backend(models: str | Path) -> SdxlTurboBackend:
-    root = Path(models) / SDXL
-    return SdxlTurboBackend.from_spec(ModelSpec(
-        name=SDXL, kind="sdxl_turbo", path=str(root / "pipeline"),
-        saes=tuple(SaeSpec(n, str(root / "saes" / n)) for n in BLOCKS), limits=Limits(max_batch_size=BATCH)))
+    return shapes_effects.sdxl_backend(Path(models) / SDXL)
 
 
 def png(scene: sw.Scene) -> bytes:
     from PIL import Image
 
     return encode_png(Image.fromarray(sw.render(scene)))
-
-
-def decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def answers(backend: LlavaBackend, scenes: Sequence[sw.Scene], kind: str, plan: InterventionPlan = InterventionPlan(),
@@ -202,28 +197,31 @@ def eval_sdxl(models: str | Path, n_per_colour: int, log=print) -> dict[str, Any
     log(f"  image colour accuracy {out['image_colour_accuracy']:.3f}")
 
     rng = np.random.default_rng(EVAL_SEED)
+
+    def share(block: str, label: str, value: float, colour: str) -> float:
+        others = [s for s in scenes if s.colour != colour]
+        picked = [others[int(i)] for i in rng.choice(len(others), size=n_per_colour, replace=False)]
+        res = generate([ImageRequest(prompt=s.caption, seed=EVAL_SEED + 500 + i, plan=clamp(block, label, value), include_default=True)
+                        for i, s in enumerate(picked)])
+        return float(np.mean([sw.recoloured(decode(r.png), decode(r.default_png), colour) for r in res]))
+
     per_block: dict[str, Any] = {}
     for block in BLOCKS:
-        labels = manifest["saes"][block]["labels"]
-        shares = {}
-        for colour in sw.COLOURS:
-            lab = f"color:{colour}"
-            if lab not in labels:
-                shares[colour] = 0.0
-                continue
-            others = [s for s in scenes if s.colour != colour]
-            picked = [others[int(i)] for i in rng.choice(len(others), size=n_per_colour, replace=False)]
-            plan = clamp(block, lab, IMAGE_STEER_MULT * labels[lab]["mean_on"])
-            res = generate([ImageRequest(prompt=s.caption, seed=EVAL_SEED + 500 + i, plan=plan) for i, s in enumerate(picked)])
-            shares[colour] = float(np.mean([sw.dominant_colour(decode(r.png)) == colour for r in res]))
+        labels, draws = manifest["saes"][block]["labels"], manifest["saes"][block].get("draws", {})
+        by_draws = {c: share(block, f"draws:{c}", draws[f"draws:{c}"]["value"], c) if f"draws:{c}" in draws else 0.0 for c in sw.COLOURS}
+        by_colour = {c: share(block, f"color:{c}", IMAGE_STEER_MULT * labels[f"color:{c}"]["mean_on"], c) if f"color:{c}" in labels else 0.0
+                     for c in sw.COLOURS}
         families = sorted({c.split(":")[0] for c in labels})
-        per_block[block] = {"share": float(np.mean(list(shares.values()))), "per_colour": shares, "label_families": families,
-                            "labels": sorted(labels)}
+        per_block[block] = {"share": float(np.mean(list(by_draws.values()))), "per_colour": by_draws,
+                            "draws": {lab: d["latent"] for lab, d in draws.items()},
+                            "colour_label_share": float(np.mean(list(by_colour.values()))), "colour_label_per_colour": by_colour,
+                            "label_families": families, "labels": sorted(labels)}
     best = max(per_block, key=lambda b: per_block[b]["share"])
     out["image_steer_share"] = per_block[best]["share"]
     out["image_steer_best_block"] = BLOCKS[best]
     out["image_steer_by_block"] = {BLOCKS[b]: v for b, v in per_block.items()}
-    log("  image steer share by block: " + ", ".join(f"{b} {v['share']:.3f}" for b, v in per_block.items()))
+    log("  image steer share by block (draws: / color: labels): "
+        + ", ".join(f"{b} {v['share']:.3f} / {v['colour_label_share']:.3f}" for b, v in per_block.items()))
 
     # mask locality: the best block's edit confined to one half of the image; the headline masks
     # the half that holds the shape (recolour it, leave the other half alone), the second the

@@ -143,17 +143,37 @@ def random_scenes(n: int, seed: int, *, jitter: int = 1, noise_levels: Sequence[
     return out
 
 
+def _palette_counts(img: np.ndarray) -> np.ndarray:
+    """Pixels of ``img`` (H, W, 3) nearest (in RGB) to each colour of COLOURS, in its order; the
+    background's pixels are left out."""
+    px = img.reshape(-1, 3).astype(np.float64)
+    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float64)
+    nearest = ((px[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    return np.bincount(nearest, minlength=len(palette))[1:]
+
+
 def dominant_colour(img: np.ndarray, min_pixels: int = 4) -> str | None:
     """The palette colour (nearest in RGB) of most non-background pixels, or None when fewer than
     ``min_pixels`` pixels are far from the background. Used to score generated images."""
-    px = img.reshape(-1, 3).astype(np.float64)
-    names = list(COLOURS)
-    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float64)
-    nearest = ((px[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
-    counts = np.bincount(nearest, minlength=len(palette))[1:]
+    counts = _palette_counts(img)
     if counts.max() < min_pixels:
         return None
-    return names[int(counts.argmax())]
+    return list(COLOURS)[int(counts.argmax())]
+
+
+def shape_pixels(img: np.ndarray) -> int:
+    """Pixels nearer a shape colour than the background: the drawn shape's area."""
+    return int(_palette_counts(img).sum())
+
+
+def recoloured(img: np.ndarray, default: np.ndarray, colour: str, max_area_ratio: float = 2.0) -> bool:
+    """A steered image ``img`` shows the shape of its unsteered twin ``default`` in ``colour``: its
+    dominant colour is ``colour`` and its shape's area is within ``max_area_ratio`` of the twin's
+    either way (a clamp that floods the image, or wipes the shape out, does not count)."""
+    if dominant_colour(img) != colour:
+        return False
+    a, b = shape_pixels(img), max(shape_pixels(default), 1)
+    return 1.0 / max_area_ratio <= a / b <= max_area_ratio
 
 
 def iter_questions(scenes: Sequence[Scene], seed: int) -> Iterator[tuple[Scene, str]]:
@@ -166,5 +186,6 @@ def iter_questions(scenes: Sequence[Scene], seed: int) -> Iterator[tuple[Scene, 
 
 __all__ = [
     "BACKGROUND", "COLOURS", "NOISE_LEVELS", "POSITIONS", "QUESTIONS", "SHAPES", "SIDE", "SIZES", "WORDS",
-    "Scene", "all_scenes", "dominant_colour", "iter_questions", "patch_tags", "random_scenes", "render", "shape_mask",
+    "Scene", "all_scenes", "dominant_colour", "iter_questions", "patch_tags", "random_scenes", "recoloured", "render", "shape_mask",
+    "shape_pixels",
 ]

@@ -63,3 +63,47 @@ def test_the_same_seed_builds_bit_identical_files(quick, tmp_path):
     for name in again:
         first, second = _digest(out / name), _digest(tmp_path / name)
         assert first and first == second, name
+
+
+def test_the_quick_sdxl_saes_carry_their_draws_labels(quick):
+    out, manifests = quick
+    backend = se.sdxl_backend(out)
+    cfg = ShapesBuildConfig().quick()
+    for block, rep in manifests["demo-sdxl-turbo"]["saes"].items():
+        sae = backend.saes[block]
+        for label, d in rep["draws"].items():
+            assert label.startswith("draws:") and label.removeprefix("draws:") in sw.COLOURS
+            assert sae.labels[label] == d["latent"] and d["share"] >= cfg.effect_min_share
+            assert d["value"] == pytest.approx(cfg.effect_mult * d["mean_on"])
+        for label, d in rep["labels"].items():  # the caption-concept labels are kept beside them
+            assert sae.labels[label] == d["latent"]
+
+
+def test_assign_draws_takes_the_best_share_first_one_colour_per_latent():
+    from sae_runtime.demo.shapes_effects import assign_draws
+
+    prompts = ["red", "red", "blue", "green"]
+    drawn = {
+        0: [{"green"}, {"green"}, {"green"}, set()],  # green on every prompt that is not green: share 3/3
+        1: [{"red"}, {"red"}, {"red"}, set()],  # red on 1 of the 2 non-red prompts (the blue one)
+        2: [{"blue"}, {"blue"}, set(), {"blue"}],  # blue: 3/3, ties with latent 0's green; lower latent first
+        3: [{"red"}, {"red"}, {"red"}, {"red"}],  # red: 2/2
+        4: [set(), set(), set(), set()],  # recolours nothing (a flood or a wiped shape counts as nothing)
+    }
+    got = assign_draws(drawn, prompts, min_share=0.5)
+    assert got == {"green": (0, 1.0), "blue": (2, 1.0), "red": (3, 1.0)}
+    # latent 1 (red share 1/2) would label red, had latent 3 not taken it; below min_share nothing is labelled
+    assert assign_draws({1: drawn[1], 4: drawn[4]}, prompts, min_share=0.5) == {"red": (1, 0.5)}
+    assert assign_draws({1: drawn[1]}, prompts, min_share=0.6) == {}
+
+
+def test_recoloured_needs_the_colour_and_the_shapes_area():
+    scene = sw.Scene("red", "circle", "top left", size="big")
+    default = sw.render(scene)
+    blue = sw.render(sw.Scene("blue", "circle", "top left", size="big"))
+    flood = np.broadcast_to(np.array(sw.COLOURS["blue"], dtype=np.uint8), default.shape).copy()
+    empty = np.broadcast_to(np.array(sw.BACKGROUND, dtype=np.uint8), default.shape).copy()
+    assert sw.recoloured(blue, default, "blue") and not sw.recoloured(blue, default, "green")
+    assert sw.shape_pixels(flood) == sw.SIDE * sw.SIDE and sw.shape_pixels(empty) == 0
+    assert sw.dominant_colour(flood) == "blue" and not sw.recoloured(flood, default, "blue")
+    assert not sw.recoloured(empty, default, "blue")

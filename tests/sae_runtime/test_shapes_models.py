@@ -67,13 +67,25 @@ def test_the_sdxl_demo_draws_the_prompted_colour_in_one_step(sdxl):
 
 
 def test_clamping_the_up_blocks_green_latent_recolours_the_shape(sdxl):
-    # The eval's best block and colour (over all colours the share is 0.42, see docs/demo_eval.json).
+    # The caption-labelled latent of the colour it steers best (see docs/demo_eval.json).
     labels = _labels("demo-sdxl-turbo", "up")
     scenes = [s for s in sw.all_scenes() if s.colour != "green"][::20]
     plan = se.clamp("up", "color:green", se.IMAGE_STEER_MULT * labels["color:green"]["mean_on"])
     res = sdxl.generate_images([ImageRequest(prompt=s.caption, seed=91_006 + i, plan=plan, include_default=True) for i, s in enumerate(scenes)])
     assert np.mean([sw.dominant_colour(se.decode(r.png)) == "green" for r in res]) >= 0.6
     assert np.mean([sw.dominant_colour(se.decode(r.default_png)) == s.colour for r, s in zip(res, scenes)]) >= 0.8
+
+
+@pytest.mark.parametrize("colour", ["green", "yellow"])
+def test_the_up_blocks_draws_labels_recolour_held_out_prompts(sdxl, colour):
+    """``draws:X`` (labelled by what the latent draws on the build's selection prompts) on prompts of
+    other colours and seeds the build never used."""
+    draws = json.loads((MODELS / "demo-sdxl-turbo" / "manifest.json").read_text())["saes"]["up"]["draws"]
+    label = f"draws:{colour}"
+    scenes = [s for s in sw.all_scenes() if s.colour != colour][3::15]
+    plan = se.clamp("up", label, draws[label]["value"])
+    res = sdxl.generate_images([ImageRequest(prompt=s.caption, seed=91_007 + i, plan=plan, include_default=True) for i, s in enumerate(scenes)])
+    assert np.mean([sw.recoloured(se.decode(r.png), se.decode(r.default_png), colour) for r in res]) >= 0.7
 
 
 def test_risk_gated_abstention_on_the_llava_demo_halves_wrong_colours_and_the_engine_agrees():
