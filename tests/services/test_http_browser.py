@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_LABELS, LM_SAE, VLM, png_bytes
+from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_LABELS, LM_SAE, SERVED_MODELS, VLM, png_bytes
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "reports" / "screenshots"
 WAIT_S = 120
@@ -74,7 +74,7 @@ def _open(driver, service, model: str) -> None:
     from selenium.webdriver.support.ui import Select
 
     driver.get(service.http_url + "/")
-    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 3)
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == len(SERVED_MODELS))
     Select(driver.find_element(By.ID, "model")).select_by_value(model)
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#features li button"))
 
