@@ -257,7 +257,7 @@ def mask_ratios(backend: SdxlTurboBackend, block: str, labels: dict[str, Any], s
     return ratios
 
 
-def evaluate(models: str | Path, n: int = 120, n_per_colour: int = 10, parts: Sequence[str] = ("llava", "sdxl"), log=print) -> dict[str, Any]:
+def evaluate(models: str | Path, n: int = 120, n_per_colour: int = 20, parts: Sequence[str] = ("llava", "sdxl"), log=print) -> dict[str, Any]:
     """The report's keys for ``parts``; the build and target keys once both parts are in ``previous``."""
     torch.set_num_threads(2)
     t = time.perf_counter()
