@@ -25,8 +25,9 @@ same SAE directory) generating the same 64 greedy tokens under the same clamp, a
 ``ours / SAELens`` for the steered case (CPU time of each, same thread count).
 
 Measured path and baselines: every case above is the production call (``backend.generate``); the
-baseline of the last line is the empty-plan request through that same call, and SAELens' direct
-model calls in ``_support/saelens_baseline.py`` are the peer baseline of the ``ours / SAELens`` line only.
+baseline of the last line is the empty-plan request through that same call, and SAELens' own
+``generate`` in ``_support/saelens_baseline.py`` is the peer baseline of the ``ours / SAELens`` line
+only; SAELens' tokens equal to ours (unsteered and steered, printed) show it runs the same model.
 """
 
 from __future__ import annotations
@@ -174,9 +175,8 @@ def main() -> None:
     elif peer is not None:
         same_base = sum(a == b for a, b in zip(peer["unsteered_tokens"], outputs["unsteered"]))
         same_steer = sum(a == b for a, b in zip(peer["steered_tokens"], outputs["jumprelu clamp"]))
-        print(f"SAELens {peer['sae_lens_version']} HookedSAETransformer (use_error_term, hook_sae_acts_post clamp), "
-              f"logits max |diff| vs HF {peer['logit_max_diff']:.2e}; tokens equal to ours: unsteered "
-              f"{same_base}/{args.new_tokens}, steered {same_steer}/{args.new_tokens}")
+        print(f"SAELens {peer['sae_lens_version']} HookedSAETransformer (use_error_term, hook_sae_acts_post clamp); "
+              f"tokens equal to ours (the same model): unsteered {same_base}/{args.new_tokens}, steered {same_steer}/{args.new_tokens}")
         print(f"{'SAELens unsteered':34s} {peer['unsteered_wall'] * 1e3:8.1f} {peer['unsteered_cpu'] * 1e3:8.1f}")
         print(f"{'SAELens jumprelu clamp':34s} {peer['steered_wall'] * 1e3:8.1f} {peer['steered_cpu'] * 1e3:8.1f}  "
               f"(x {peer['steered_cpu'] / peer['unsteered_cpu']:.3f} its unsteered)")
