@@ -113,7 +113,7 @@ def choose_threshold(mixed: _Set, intact: _Set, mode: str, margin: float = 0.8) 
     return pick_threshold([_point(mixed, intact, mode, t) for t in THRESHOLDS], mixed.halluc_rate(mixed.plain), margin)
 
 def evaluate(
-    backend: Any, seed: int, n_mixed: int = 600, n_intact: int = 300, n_calibration: int = 240, n_held_out: int = 400,
+    backend: Any, seed: int, n_mixed: int = 600, n_intact: int = 300, n_calibration: int = 240, n_held_out: int = 1200,
     modes: Sequence[str] = ("abstain", "steer_unknown", "suppress"),
 ) -> dict[str, Any]:
     """The ``mitigation`` report (see the module doc); ``seed`` must be disjoint from the build's.

@@ -1,19 +1,23 @@
 """Fit the demo's hallucination-risk probe (the build's step 4), or refit the shipped one alone.
 
-    python -m sae_runtime.demo.probe_build --models models [--items 3600] [--seed 0]
+    python -m sae_runtime.demo.probe_build --models models [--items 7200] [--seed 0]
+
+Refitting also carries the probe to the stitching demo's ``demo-lm-b`` when it is built.
 
 Items are :func:`layouts.probe_training_items`: half the world's default mix (1-3 facts of
 distinct families, every uncertainty level), half the ``mixed`` layout (1-4 facts whose families
 may repeat, sometimes a story sentence in between), so the probe sees contexts where another
 animal holds a value of the asked family. The LM answers greedily; :func:`world.is_hallucinated`
 labels each answer; the probe is fitted on the pooled latents of prompt + answer (L1 chosen on a
-validation split, a stratified quarter held out for the AUROCs in its metadata).
+validation split; a stratified quarter held out for the AUROCs in its metadata, then the shipped
+probe refitted on every item).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,13 +45,15 @@ def fit_demo_probe(model: Any, tok: Any, sae: Any, sae_name: str, n_items: int, 
         raise InvalidArgument(f"all {len(items)} probe answers got the same label; train the LM longer or use more items", field="probe_items")
     train_idx, val_idx = stratified_split(y, 0.25, seed)
     l1, grid = select_l1(features[train_idx], y[train_idx], layout, seed=seed)
-    probe = RiskProbe.fit(features[train_idx], y[train_idx], layout, l1=l1, latent_labels={sae_name: dict(sae.labels)})
+    split = RiskProbe.fit(features[train_idx], y[train_idx], layout, l1=l1)
     n_prompt = layout.n_features("prompt")
     val_auroc = {
-        "prompt": auroc(probe.predict_proba(features[val_idx][:, :n_prompt], "prompt"), y[val_idx]),
-        "final": auroc(probe.predict_proba(features[val_idx], "final"), y[val_idx]),
+        "prompt": auroc(split.predict_proba(features[val_idx][:, :n_prompt], "prompt"), y[val_idx]),
+        "final": auroc(split.predict_proba(features[val_idx], "final"), y[val_idx]),
     }
-    probe.meta.update(val_auroc_prompt=val_auroc["prompt"], val_auroc_final=val_auroc["final"], l1_grid={str(k): v for k, v in grid.items()}, training_items="layouts.probe_training_items")
+    # The validation AUROCs are the split fit's; the shipped probe is refitted on every item.
+    probe = RiskProbe.fit(features, y, layout, l1=l1, latent_labels={sae_name: dict(sae.labels)})
+    probe.meta.update(val_auroc_prompt=val_auroc["prompt"], val_auroc_final=val_auroc["final"], val_auroc_of="the fit on the other 3/4", l1_grid={str(k): v for k, v in grid.items()}, training_items="layouts.probe_training_items")
     probe.meta.update(abstain_text=f"{world.UNKNOWN} .", unknown_latents=unknown_latents(model, tok, sae, 200, seed + 1) | {"sae": sae_name})
     return probe, {"n_items": len(items), "halluc_rate": float(y.float().mean()), "l1": l1, "val_auroc": val_auroc}
 
@@ -78,6 +84,17 @@ def unknown_latents(model: Any, tok: Any, sae: Any, n: int, seed: int, top: int 
     return {"sae": None, "latents": [int(i) for i in order], "values": [float(on_empty[i]) for i in order], "where": "last prompt position"}
 
 
+def carry_to_model_b(probe: Any, models: Path) -> None:
+    """Re-carry a refitted probe to the stitching demo's model B (as its build does), if it is built."""
+    from sae_runtime.demo.stitch_demo import NAME, RISK_DIR, STITCH_DIR
+    from sae_runtime.stitch.maps import Stitch
+    from sae_runtime.stitch.transfer import transfer_probe
+
+    root_b = models / NAME
+    if (root_b / STITCH_DIR).is_dir():
+        transfer_probe(probe, Stitch.load(root_b / STITCH_DIR)).save(root_b / RISK_DIR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sae_runtime.demo.probe_build", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="models")
@@ -97,10 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = manifest["config"]["probe_items"] if args.items is None else args.items
     tok = AutoTokenizer.from_pretrained(str(root / MODEL_DIR))
     model = AutoModelForCausalLM.from_pretrained(str(root / MODEL_DIR)).eval()
+    started = time.perf_counter()
     probe, metrics = fit_demo_probe(model, tok, load_sae(root / "saes" / SAE_NAME), SAE_NAME, n, seed + 30)
     probe.save(root / RISK_DIR)
+    seconds = round(time.perf_counter() - started, 1)
+    # build_seconds stays the whole build's: the other steps' times plus this refit's
+    manifest["build_seconds"] = round(manifest["build_seconds"] - manifest["timings"].get("risk", 0.0) + seconds, 1)
+    manifest["timings"]["risk"] = seconds
+    manifest["config"]["probe_items"] = n
     manifest["metrics"]["risk"] = metrics
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    carry_to_model_b(probe, Path(args.models))
     print(json.dumps(metrics, indent=2, default=float))
     return 0
 
