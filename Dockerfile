@@ -60,12 +60,15 @@ RUN printf '%s\n' /app /app/gen > "$(/opt/venv/bin/python -c 'import sysconfig; 
     && echo "export PATH=/opt/venv/bin:\${PATH}" > /etc/profile.d/venv.sh \
     && mkdir -p /app/cache && chown 10001:10001 /app/cache
 # The Ray settings of services.app.ray_env (every Ray process reads them at start; KubeRay starts
-# them from this image): inter-deployment gRPC and the proxy's 64 MiB message cap.
+# them from this image): inter-deployment gRPC, handlers and routers on each replica's own event
+# loop, and the proxy's 64 MiB message cap.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SAE_DEMO_CACHE=/app/cache/demo \
     RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
     RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=67108864
 USER 10001:10001
 # The multimodal mechanics demos (`demo: true` in configs/demo.yaml) are built from a fixed seed

@@ -43,7 +43,8 @@ def env() -> dict[str, str]:
     """The image's environment (Dockerfile ENV and its .pth), without Ray token auth."""
     out = dict(os.environ)
     out.update(RAY_AUTH_MODE="disabled", PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'gen'}",
-               RAY_SERVE_USE_GRPC_BY_DEFAULT="1", RAY_SERVE_GRPC_MAX_MESSAGE_SIZE="67108864", HF_HUB_OFFLINE="1",
+               RAY_SERVE_USE_GRPC_BY_DEFAULT="1", RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0",
+               RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0", RAY_SERVE_GRPC_MAX_MESSAGE_SIZE="67108864", HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     out.pop("RAY_ADDRESS", None)
     return out
