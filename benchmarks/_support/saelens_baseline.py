@@ -1,23 +1,26 @@
 """The SAELens baseline of steering_overhead.py: HookedSAETransformer steered greedy generation.
 
-This file is a baseline, never the measured path. The measured path (our engine through
-``CausalLmBackend.generate``, the call the service makes) runs in steering_overhead.py, which
-compares its CPU time with the baseline figures this script prints. The one model call here is
-SAELens' own ``HookedSAETransformer.generate`` in ``baseline_generate``: the peer library's
-public API, timed as the baseline. Nothing else runs a model: that the converted model is the
-same model is shown by steering_overhead.py, which checks that SAELens' tokens equal ours,
-unsteered and steered.
+Role: peer baseline only, never the measured path. The measured path (our engine through
+``CausalLmBackend.generate``, the call the service makes) runs in steering_overhead.py; this
+script exists only to time the peer library on the same work, for that script's
+``ratio ours / SAELens`` line. It makes exactly one kind of model call: SAELens' own public
+``HookedSAETransformer.generate`` under the SAE and the clamp (``peer_steered_generate``), which
+is the baseline that ratio divides by. No other forward runs here: no unsteered run, no logit
+check. ``AutoModelForCausalLM.from_pretrained`` only reads the checkpoint's weights so that
+TransformerLens' ``convert_llama_weights`` can build the HookedTransformer; it is never called.
+That the converted model is the same model is shown by steering_overhead.py, which checks that
+the steered tokens printed here equal ours.
 
 Run with the python of a scratch venv holding sae-lens (and torch==2.13.0); it imports nothing
-from this project. The HF Llama checkpoint at ``--model`` is converted to a HookedTransformer
-(TransformerLens' own Llama config mapping and ``convert_llama_weights``, no weight processing, so
-``blocks.L.hook_resid_post`` is the HF decoder layer's output), the SAE directory ``--sae`` (a
+from this project. The HF Llama checkpoint at ``--model`` is converted with TransformerLens' own
+Llama config mapping and ``convert_llama_weights`` (no weight processing, so
+``blocks.L.hook_resid_post`` is the HF decoder layer's output); the SAE directory ``--sae`` (a
 SAELens directory) is loaded with ``SAE.load_from_disk`` and attached with ``use_error_term=True``;
-the clamp is a hook on ``hook_sae_acts_post`` setting ``--latents`` to ``--value``. Both cases
-generate ``--new-tokens`` greedy tokens from ``--prompt-ids`` with the KV cache, EOS ignored.
+the clamp is a hook on ``hook_sae_acts_post`` setting ``--latents`` to ``--value``. Each run
+generates ``--new-tokens`` greedy tokens from ``--prompt-ids`` with the KV cache, EOS ignored.
 
-Prints one JSON line: median wall and CPU seconds of the unsteered model and of the steered one
-(alternated, after a warm-up), their tokens, and the sae-lens version.
+Prints one JSON line: the median wall and CPU seconds of the steered generation (after a
+warm-up), its tokens, and the sae-lens version.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def main() -> None:
     from sae_lens import SAE, HookedSAETransformer
     from transformers import AutoModelForCausalLM
 
-    saelens_model = hooked_llama(AutoModelForCausalLM.from_pretrained(args.model), HookedSAETransformer)
+    saelens_model = hooked_llama(AutoModelForCausalLM.from_pretrained(args.model), HookedSAETransformer)  # weights only
     sae = SAE.load_from_disk(args.sae)
     hook = sae.cfg.metadata.hook_name
     latents = torch.tensor(json.loads(args.latents))
@@ -80,33 +83,22 @@ def main() -> None:
         acts[..., latents] = args.value
         return acts
 
-    def baseline_generate(steered: bool) -> tuple[float, float, list[int]]:
-        """The timed baseline: SAELens' own generate, plain or under the SAE and the clamp hook."""
+    def peer_steered_generate() -> tuple[float, float, list[int]]:
+        """The timed peer baseline: SAELens' own generate under the SAE (error term kept) and the clamp."""
         gc.collect()
         w0, c0 = time.perf_counter(), time.process_time()
-        kw = dict(max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False)
-        if steered:
-            with saelens_model.saes(saes=[sae], use_error_term=True):
-                with saelens_model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
-                    out = saelens_model.generate(prompt, **kw)  # the baseline: SAELens' steered generation
-        else:
-            out = saelens_model.generate(prompt, **kw)  # the baseline: SAELens' plain generation
+        with saelens_model.saes(saes=[sae], use_error_term=True):
+            with saelens_model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
+                out = saelens_model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
+                                             use_past_kv_cache=True, verbose=False)
         return time.perf_counter() - w0, time.process_time() - c0, out[0, prompt.shape[1]:].tolist()
 
-    baseline_generate(False), baseline_generate(True)  # warm-up
-    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    tokens: dict[bool, list[int]] = {}
-    for rep in range(args.repeats):
-        for steered in (False, True) if rep % 2 == 0 else (True, False):
-            w, c, toks = baseline_generate(steered)
-            times[steered].append((w, c))
-            tokens[steered] = toks
-    med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+    peer_steered_generate()  # warm-up
+    runs = [peer_steered_generate() for _ in range(args.repeats)]
     print(json.dumps({
         "sae_lens_version": version("sae-lens"),
-        "unsteered_wall": med[False][0], "unsteered_cpu": med[False][1],
-        "steered_wall": med[True][0], "steered_cpu": med[True][1],
-        "unsteered_tokens": tokens[False], "steered_tokens": tokens[True],
+        "steered_wall": statistics.median(r[0] for r in runs), "steered_cpu": statistics.median(r[1] for r in runs),
+        "steered_tokens": runs[-1][2],
     }))
 
 
