@@ -5,12 +5,13 @@
 Writes ``<out>/demo-llava/`` (``model/``, ``saes/vision``, ``saes/lm``, ``risk/``, ``manifest.json``)
 and ``<out>/demo-sdxl-turbo/`` (``pipeline/``, ``saes/<block>``, ``manifest.json``).
 
-- LLaVA: train the model (:mod:`.shapes_llava`); collect vision-layer activations (all 17
-  positions) and language-model activations (all prompt positions) over images of every noise
-  level; train TopK SAEs with the project's trainer; label vision latents from the patches each
-  shape covers (``color:``, ``shape:``, ``pos:``) and language latents from the image tokens of
-  those patches; answer colour questions about images of noise 0..1 greedily, label each answer
-  wrong or right, and fit the risk probe on the pooled vision and language latents.
+- LLaVA: train the model (:mod:`.shapes_llava`); collect vision-layer activations (CLS and the
+  4 patches) and language-model activations (all prompt positions) over images of several noise
+  levels; train TopK SAEs with the project's trainer; label vision latents from the image's
+  concepts on its patches (``color:``, ``shape:``, ``pos:``; :func:`.shapes_llava.patch_concepts`)
+  and language latents from the image tokens; answer colour questions about images of noise 0..1
+  greedily, label each answer wrong or right, and fit the risk probe on the pooled vision and
+  language latents; calibrate each ``color:X`` clamp's strength by its effect (:mod:`.shapes_clamps`).
 - SDXL-Turbo: train VAE, text encoders and U-Net (:mod:`.shapes_sdxl`); collect the updates of
   three transformer blocks over one-step generations of every caption; train an SAE per block;
   label latents from the concepts of the caption (every cell: cross-attention writes the
@@ -30,11 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_runtime.demo import shapes_clamps
 from sae_runtime.demo import shapes_llava as sl
 from sae_runtime.demo import shapes_sdxl as ss
 from sae_runtime.demo import shapes_world as sw
 
-LLAVA, SDXL = "demo-llava", "demo-sdxl-turbo"
+LLAVA, SDXL = shapes_clamps.LLAVA, "demo-sdxl-turbo"
 PROBE_NOISE = tuple(np.round(np.linspace(0, 1, 11), 2).tolist())
 
 
@@ -43,12 +45,17 @@ class ShapesBuildConfig:
     seed: int = 0
     llava: sl.LlavaTrainConfig = field(default_factory=sl.LlavaTrainConfig)
     sdxl: ss.SdxlTrainConfig = field(default_factory=ss.SdxlTrainConfig)
-    d_sae: int = 128
+    d_sae: int = 128  # the U-Net blocks' SAEs
+    llava_d_sae: int = 256  # the LLaVA's vision and LM SAEs (more latents split colours less by shape)
     k: int = 8
     sae_steps: int = 400
     sae_batch: int = 512
-    vision_images: int = 1500
+    vision_images: int = 3000
+    #: noise levels of the vision SAE's training images: mostly structured ones, so that latents
+    #: go to concepts; pure noise keeps a share so noisy inputs stay in distribution
+    vision_noise: tuple[float, ...] = (0.0, 0.0, 0.1, 0.25, 0.5, 1.0)
     lm_images: int = 600
+    clamp_scenes: int = 48  # selection images of the vision colour clamps' calibration (:mod:`.shapes_clamps`)
     probe_items: int = 900
     sdxl_seeds: int = 2
     #: ``draws:`` labels: the clamp (x a latent's mean activation where it fires), selection
@@ -60,18 +67,18 @@ class ShapesBuildConfig:
     sdxl_threads: int = 2  # the SDXL U-Net's convolutions: 1.6x faster on 2 threads
 
     def quick(self) -> "ShapesBuildConfig":
-        return replace(self, llava=self.llava.quick(), sdxl=self.sdxl.quick(), d_sae=32, k=4, sae_steps=10,
-                       sae_batch=128, vision_images=48, lm_images=24, probe_items=60, sdxl_seeds=1, effect_scenes=4)
+        return replace(self, llava=self.llava.quick(), sdxl=self.sdxl.quick(), d_sae=32, llava_d_sae=32, k=4, sae_steps=10,
+                       sae_batch=128, vision_images=48, lm_images=24, probe_items=60, clamp_scenes=8, sdxl_seeds=1, effect_scenes=4)
 
 
-def _train_sae(rows: Tensor, hook: str, model: str, cfg: ShapesBuildConfig, seed: int):
+def _train_sae(rows: Tensor, hook: str, model: str, cfg: ShapesBuildConfig, seed: int, d_sae: int):
     from sae_runtime.training.trainer import TrainConfig, train_sae
 
-    tc = TrainConfig(architecture="topk", d_sae=cfg.d_sae, k=cfg.k, steps=cfg.sae_steps, batch_size=min(cfg.sae_batch, rows.shape[0]),
+    tc = TrainConfig(architecture="topk", d_sae=d_sae, k=cfg.k, steps=cfg.sae_steps, batch_size=min(cfg.sae_batch, rows.shape[0]),
                      lr=2e-3, seed=seed, log_every=max(cfg.sae_steps // 4, 1), dead_after_tokens=50_000)
     result = train_sae(rows.float(), tc, hook_name=hook, model_name=model, progress=False)
     m = result.report.final
-    return result.sae.eval(), {"hook_name": hook, "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.sae_steps, "rows": int(rows.shape[0]),
+    return result.sae.eval(), {"hook_name": hook, "d_sae": d_sae, "k": cfg.k, "steps": cfg.sae_steps, "rows": int(rows.shape[0]),
                                "l0": round(m.l0, 3), "fvu": round(m.fvu, 4), "dead_fraction": round(m.dead_fraction, 4)}
 
 
@@ -148,14 +155,14 @@ def llava_saes(model: Any, processor: Any, root: Path, cfg: ShapesBuildConfig, l
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    noisy = sw.random_scenes(cfg.vision_images, cfg.seed + 10, noise_levels=sw.NOISE_LEVELS)
+    noisy = sw.random_scenes(cfg.vision_images, cfg.seed + 10, noise_levels=cfg.vision_noise)
     vis = vision_acts(model, processor, noisy)
-    vis_sae, vis_rep = _train_sae(vis.reshape(-1, vis.shape[-1]), sl.VISION_SITE, LLAVA, cfg, cfg.seed + 11)
+    vis_sae, vis_rep = _train_sae(vis.reshape(-1, vis.shape[-1]), sl.VISION_SITE, LLAVA, cfg, cfg.seed + 11, cfg.llava_d_sae)
     clean = sw.random_scenes(cfg.vision_images // 2, cfg.seed + 12)
     cvis = vision_acts(model, processor, clean)
     with torch.no_grad():
         patch_latents = vis_sae.encode(cvis[:, 1:].reshape(-1, cvis.shape[-1]))  # patches only (CLS has no place)
-    tags = [t for s in clean for t in sw.patch_tags(s, sl.PATCH)]
+    tags = [t for s in clean for t in sl.patch_concepts(s)]
     vis_rep["labels"] = label(vis_sae, patch_latents, tags)
 
     lm_scenes = sw.random_scenes(cfg.lm_images, cfg.seed + 13, noise_levels=sw.NOISE_LEVELS)
@@ -168,8 +175,8 @@ def llava_saes(model: Any, processor: Any, root: Path, cfg: ShapesBuildConfig, l
         if clean_part:
             _, lmc, _ = prompt_forward(model, processor, clean_part, kind)
             lm_tag_rows.append(lmc[:, 1 : 1 + sl.N_PATCHES].reshape(-1, lmc.shape[-1]))  # the image tokens
-            lm_tags += [t for s in clean_part for t in sw.patch_tags(s, sl.PATCH)]
-    lm_sae, lm_rep = _train_sae(torch.cat(lm_rows), sl.LM_SITE, LLAVA, cfg, cfg.seed + 14)
+            lm_tags += [t for s in clean_part for t in sl.patch_concepts(s)]
+    lm_sae, lm_rep = _train_sae(torch.cat(lm_rows), sl.LM_SITE, LLAVA, cfg, cfg.seed + 14, cfg.llava_d_sae)
     with torch.no_grad():
         lm_rep["labels"] = label(lm_sae, lm_sae.encode(torch.cat(lm_tag_rows)), lm_tags)
     for name, sae in (("vision", vis_sae), ("lm", lm_sae)):
@@ -198,8 +205,18 @@ def llava_saes(model: Any, processor: Any, root: Path, cfg: ShapesBuildConfig, l
     probe.meta.update(val_auroc_prompt=val_auroc, target="the greedy answer to the colour question is wrong")
     probe.save(root / "risk")
     timings["risk"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
+    backend = shapes_clamps.llava_backend(root, risk=False)
+    selection = sw.random_scenes(cfg.clamp_scenes, cfg.seed + 16)
+    for lab, c in shapes_clamps.calibrate(backend, vis_rep["labels"], selection).items():
+        vis_rep["labels"][lab].update(c)
+    vis_rep["says"] = shapes_clamps.says_labels(backend, patch_latents, [s.colour for s in clean for _ in range(sl.N_PATCHES)], selection)
+    vis_sae.labels = {**vis_sae.labels, **{lab: d["latent"] for lab, d in vis_rep["says"].items()}}
+    save_native(vis_sae, root / "saes" / "vision")
+    timings["clamps"] = round(time.perf_counter() - t, 1)
     log(f"  llava: vision SAE FVU {vis_rep['fvu']:.3f} ({len(vis_rep['labels'])} labels), lm SAE FVU {lm_rep['fvu']:.3f}, "
-        f"probe val AUROC {val_auroc:.3f} (wrong rate {float(y.float().mean()):.2f})")
+        f"probe val AUROC {val_auroc:.3f} (wrong rate {float(y.float().mean()):.2f}), {len(vis_rep['says'])} says: labels")
     return {"saes": {"vision": vis_rep, "lm": lm_rep},
             "risk": {"n_items": len(items), "wrong_rate": float(y.float().mean()), "l1": l1, "val_auroc_prompt": val_auroc},
             "timings": timings}
@@ -252,7 +269,7 @@ def sdxl_saes(pipe: Any, root: Path, cfg: ShapesBuildConfig, log: Callable[[str]
     trained: dict[str, tuple[Any, Tensor]] = {}
     for i, (name, site) in enumerate(ss.BLOCKS.items()):
         u = updates[name]  # (N, h, w, C)
-        sae, rep = _train_sae(u.reshape(-1, u.shape[-1]), site, SDXL, cfg, cfg.seed + 20 + i)
+        sae, rep = _train_sae(u.reshape(-1, u.shape[-1]), site, SDXL, cfg, cfg.seed + 20 + i, cfg.d_sae)
         # Cross-attention writes the prompt into every cell of a block's update, so cells carry
         # the image's concepts: tag every cell with its caption's concepts.
         tags = [s.concepts for s in scenes for _ in range(u.shape[1] * u.shape[2])]

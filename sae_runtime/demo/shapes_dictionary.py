@@ -85,13 +85,14 @@ def measure_vision(model: Any, processor: Any, sae: Any, n_images: int, seed: in
     rec = reconstruction_metrics(sae, x.reshape(-1, x.shape[-1]).float())
     clean = sw.random_scenes(n_images, seed + 1)
     patches = vision_acts(model, processor, clean)[:, 1:].reshape(-1, x.shape[-1]).float()  # CLS has no place
-    tags = [t for s in clean for t in sw.patch_tags(s, sl.PATCH)]
+    tags = [t for s in clean for t in sl.patch_concepts(s)]
+    covered = torch.tensor([bool(ts) for s in clean for ts in sw.patch_tags(s, sl.PATCH)])  # the patch shows the shape
     names = sorted({t for ts in tags for t in ts})
     f, _ = dictionary_outputs(sae, patches)
     ms = summarise(monosemanticity(f, patch_embedding(tags, names)))
     y = {c: torch.tensor([c in ts for ts in tags]) for c in names}
     fms_report = fms(f, y)
-    ab = absorption(target_of(sae, patches), f, sae.decoder_rows().detach(), {PARENT: torch.tensor([bool(ts) for ts in tags])})
+    ab = absorption(target_of(sae, patches), f, sae.decoder_rows().detach(), {PARENT: covered})
     return {
         "architecture": sae.cfg.architecture, "d_sae": sae.d_sae, "hook_name": sae.cfg.hook_name,
         "l0": rec.l0, "fvu": rec.fvu, "dead_share": rec.dead_share, "dense_share": rec.dense_share,

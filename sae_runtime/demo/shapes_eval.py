@@ -9,7 +9,8 @@ with unseen generator seeds.
 
 LLaVA: ``vlm_colour_accuracy`` / ``vlm_shape_accuracy`` / ``vlm_position_accuracy`` (greedy, clean
 images); ``vlm_steer_share``: clamp (``set``) the vision SAE's ``color:X`` latent on every vision
-position to ``STEER_MULT`` x its mean activation where it fires, over images whose colour is not
+position to its value calibrated by the build (:mod:`.shapes_clamps`: a multiple of its mean
+activation where it fires, chosen on the build's selection images), over images whose colour is not
 X, share of colour answers equal to X, averaged over colours, without the error term
 (``preserve_error=False``: the reconstruction replaces the layer) and with it;
 ``vlm_steer_specificity``: under the same clamp the shape answer stays right; ``vlm_risk_auroc``:
@@ -41,22 +42,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sae_runtime.backends.images import encode_png
 from sae_runtime.backends.llava import LlavaBackend
 from sae_runtime.backends.sdxl_turbo import SdxlTurboBackend
-from sae_runtime.backends.spec import Limits, ModelSpec, SaeSpec
-from sae_runtime.backends.types import ImageRequest, SamplingParams, TextRequest
-from sae_runtime.demo import shapes_effects, shapes_world as sw
+from sae_runtime.backends.types import ImageRequest
+from sae_runtime.demo import shapes_clamps, shapes_effects, shapes_world as sw
+from sae_runtime.demo.shapes_clamps import BATCH, answers, clamp
 from sae_runtime.demo.shapes_effects import decode
 from sae_runtime.demo.shapes_build import LLAVA, PROBE_NOISE, SDXL
 from sae_runtime.demo.shapes_sdxl import BLOCKS
-from sae_runtime.plan import EditOp, InterventionPlan, LatentEdit, ReadoutSpec, Scope
+from sae_runtime.plan import ReadoutSpec
 from sae_runtime.training.logistic import auroc
 
 EVAL_SEED = 7000  # the build uses seed + 0..30
-STEER_MULT = 8.0
 IMAGE_STEER_MULT = 15.0
-BATCH = 16
 TARGETS = {
     "vlm_colour_accuracy": (">=", 0.95), "vlm_shape_accuracy": (">=", 0.90), "vlm_steer_share": (">=", 0.80),
     "vlm_steer_specificity": (">=", 0.80), "vlm_risk_auroc": (">=", 0.85), "image_colour_accuracy": (">=", 0.95),
@@ -65,32 +63,11 @@ TARGETS = {
 
 
 def llava_backend(models: str | Path) -> LlavaBackend:
-    root = Path(models) / LLAVA
-    return LlavaBackend.from_spec(ModelSpec(
-        name=LLAVA, kind="llava", path=str(root / "model"), risk_probe=str(root / "risk"),
-        saes=(SaeSpec("vision", str(root / "saes" / "vision")), SaeSpec("lm", str(root / "saes" / "lm"))),
-        limits=Limits(max_batch_size=BATCH, max_new_tokens=4)))
+    return shapes_clamps.llava_backend(Path(models) / LLAVA)
 
 
 def sdxl_backend(models: str | Path) -> SdxlTurboBackend:
     return shapes_effects.sdxl_backend(Path(models) / SDXL)
-
-
-def png(scene: sw.Scene) -> bytes:
-    from PIL import Image
-
-    return encode_png(Image.fromarray(sw.render(scene)))
-
-
-def answers(backend: LlavaBackend, scenes: Sequence[sw.Scene], kind: str, plan: InterventionPlan = InterventionPlan(),
-            **extra: Any) -> list[Any]:
-    """TextResults of greedy answers to ``kind`` questions about ``scenes``."""
-    reqs = [TextRequest(prompt=sw.QUESTIONS[kind], image=png(s), plan=plan, sampling=SamplingParams(max_new_tokens=3), **extra)
-            for s in scenes]
-    out = []
-    for i in range(0, len(reqs), BATCH):
-        out += backend.generate(reqs[i : i + BATCH])
-    return out
 
 
 def correct(text: str, scene: sw.Scene, kind: str) -> bool:
@@ -98,9 +75,35 @@ def correct(text: str, scene: sw.Scene, kind: str) -> bool:
     return text.split()[: len(truth)] == truth
 
 
-def clamp(sae: str, label: str, value: float, preserve_error: bool = True, mask: torch.Tensor | None = None) -> InterventionPlan:
-    return InterventionPlan(edits=(LatentEdit(sae=sae, op=EditOp.SET, labels=(label,), value=value),),
-                            scope=Scope(mask=mask), preserve_error=preserve_error)
+def steer_report(backend: LlavaBackend, table: dict[str, Any], family: str, pool: Sequence[sw.Scene], per_colour: int) -> dict[str, Any]:
+    """Clamp each ``<family>:X`` latent of ``table`` to its build-calibrated ``steer_value`` on every
+    vision position, over ``per_colour`` images of ``pool`` of other colours: the share of colour
+    answers X and of shape answers kept right (``specificity``; position answers kept right are
+    reported beside it), without the error term and with it."""
+    out: dict[str, Any] = {"steer_mult": {c: table[f"{family}:{c}"]["steer_mult"] for c in sw.COLOURS if f"{family}:{c}" in table}}
+    for preserve in (False, True):
+        shares, specific, said, words, placed = {}, {}, {}, {}, {}
+        for colour in sw.COLOURS:
+            lab = f"{family}:{colour}"
+            if lab not in table:
+                shares[colour], specific[colour] = 0.0, 0.0
+                continue
+            scenes = [s for s in pool if s.colour != colour][:per_colour]
+            plan = clamp("vision", lab, table[lab]["steer_value"], preserve)
+            res = answers(backend, scenes, "colour", plan)
+            shares[colour] = float(np.mean([r.steered.text.split()[:1] == [colour] for r in res]))
+            words[colour] = float(np.mean([r.steered.text.split()[:1] in [[c] for c in sw.COLOURS] for r in res]))
+            res = answers(backend, scenes, "shape", plan)
+            specific[colour] = float(np.mean([correct(r.steered.text, s, "shape") for r, s in zip(res, scenes)]))
+            said[colour] = {w: sum(r.steered.text.split()[:1] == [w] for r in res) for w in sw.SHAPES}
+            res = answers(backend, scenes, "position", plan)
+            placed[colour] = float(np.mean([correct(r.steered.text, s, "position") for r, s in zip(res, scenes)]))
+        out["with_error" if preserve else "without_error"] = {
+            "share": float(np.mean(list(shares.values()))), "specificity": float(np.mean(list(specific.values()))),
+            "position_kept": float(np.mean(list(placed.values()))) if placed else 0.0, "per_colour_position_kept": placed,
+            "per_colour_share": shares, "per_colour_specificity": specific, "shape_answers": said,
+            "colour_word_share": float(np.mean(list(words.values()))) if words else 0.0}
+    return out
 
 
 def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
@@ -114,44 +117,27 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
         out[f"vlm_{kind}_accuracy"] = float(np.mean([correct(r.steered.text, s, kind) for r, s in zip(res, clean)]))
     log(f"  vlm accuracy: " + ", ".join(f"{k} {out[f'vlm_{k}_accuracy']:.3f}" for k in sw.QUESTIONS))
 
-    steer: dict[str, Any] = {}
     per_colour = max(4, n // 6)
     pool = sw.random_scenes(per_colour * 6, EVAL_SEED + 1)
-    for preserve in (False, True):
-        shares, specific, said, words = {}, {}, {}, {}
-        for colour in sw.COLOURS:
-            lab = f"color:{colour}"
-            if lab not in labels:
-                shares[colour], specific[colour] = 0.0, 0.0
-                continue
-            value = STEER_MULT * labels[lab]["mean_on"]
-            scenes = [s for s in pool if s.colour != colour][:per_colour]
-            plan = clamp("vision", lab, value, preserve)
-            res = answers(backend, scenes, "colour", plan)
-            shares[colour] = float(np.mean([r.steered.text.split()[:1] == [colour] for r in res]))
-            words[colour] = float(np.mean([r.steered.text.split()[:1] in [[c] for c in sw.COLOURS] for r in res]))
-            res = answers(backend, scenes, "shape", plan)
-            specific[colour] = float(np.mean([correct(r.steered.text, s, "shape") for r, s in zip(res, scenes)]))
-            said[colour] = {w: sum(r.steered.text.split()[:1] == [w] for r in res) for w in sw.SHAPES}
-        key = "with_error" if preserve else "without_error"
-        steer[key] = {"share": float(np.mean(list(shares.values()))), "specificity": float(np.mean(list(specific.values()))),
-                      "per_colour_share": shares, "per_colour_specificity": specific, "shape_answers": said,
-                      "colour_word_share": float(np.mean(list(words.values()))) if words else 0.0}
-    out["vlm_steer_share"] = steer["without_error"]["share"]
-    out["vlm_steer_specificity"] = steer["without_error"]["specificity"]
-    out["vlm_steer"] = steer | {"steer_mult": STEER_MULT, "images_per_colour": per_colour}
+    vis = manifest["saes"]["vision"]
+    steer = {"says": steer_report(backend, vis["says"], "says", pool, per_colour),
+             "color_label": steer_report(backend, labels, "color", pool, per_colour)}
+    out["vlm_steer_share"] = steer["says"]["without_error"]["share"]
+    out["vlm_steer_specificity"] = steer["says"]["without_error"]["specificity"]
+    out["vlm_steer"] = steer | {"images_per_colour": per_colour}
     from sae_runtime.demo.shapes_dictionary import measure_vision
 
     vision = measure_vision(backend.model, backend.processor, backend.saes["vision"], n, EVAL_SEED + 3)
-    said = steer["without_error"]["shape_answers"]
+    headline = steer["says"]["without_error"]
     vision |= {"steer_share": out["vlm_steer_share"], "steer_specificity": out["vlm_steer_specificity"],
-               "steer_well_formed": steer["without_error"]["colour_word_share"], "steer_mult": STEER_MULT,
-               "shape_answers_under_clamp": said}
+               "steer_well_formed": headline["colour_word_share"], "steer_mult": steer["says"]["steer_mult"],
+               "shape_answers_under_clamp": headline["shape_answers"]}
     out["dictionaries"] = {"vision": vision}
     log(f"  vision SAE as a dictionary: " + " ".join(f"{k} {vision[k]:.3f}" for k in ("fvu", "loss_recovered", "ms_mean", "fms_at_1",
                                                                                      "fms_at_5", "absorption_fraction")))
-    log(f"  vlm steer share {steer['without_error']['share']:.3f} (with error term {steer['with_error']['share']:.3f}), "
-        f"specificity {steer['without_error']['specificity']:.3f}")
+    for fam, r in steer.items():
+        log(f"  vlm steer ({fam}) share {r['without_error']['share']:.3f} (with error term {r['with_error']['share']:.3f}), "
+            f"specificity {r['without_error']['specificity']:.3f} ({r['with_error']['specificity']:.3f})")
 
     per_level = max(8, n // 4)
     by_noise, scores, wrong = {}, [], []

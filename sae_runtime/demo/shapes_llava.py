@@ -34,15 +34,17 @@ LM_SITE = "blocks.1.hook_resid_post"
 @dataclass(frozen=True)
 class LlavaTrainConfig:
     seed: int = 0
-    vision_hidden: int = 64
+    vision_hidden: int = 128
     text_hidden: int = 64
-    vision_steps: int = 500
+    vision_steps: int = 1000
     vision_batch: int = 64
     steps: int = 300
     batch_size: int = 48
     lr: float = 3e-3
     warmup: int = 50
     train_noise: tuple[float, ...] = (0.0, 0.0, 0.0, 0.1, 0.25, 0.4)
+    #: vision pretraining loss weight of the colour, shape and position heads
+    head_weights: tuple[float, float, float] = (1.0, 3.0, 1.0)
 
     def quick(self) -> "LlavaTrainConfig":
         from dataclasses import replace
@@ -138,24 +140,28 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
 
 
+def patch_concepts(scene: sw.Scene) -> list[tuple[str, ...]]:
+    """Concept tags of each patch at the vision SAE's site: every patch carries the image's
+    concepts, as late CLIP patch tokens carry the image's content (the vision pretraining makes it so)."""
+    return [scene.concepts] * N_PATCHES
+
+
 def patch_targets(scenes: Sequence[sw.Scene]) -> Tensor:
-    """(N, patches, 3) class ids per patch: colour (0 = none), shape (0 = none), position (0 = none)."""
+    """(N, patches, 3) class ids per patch, from :func:`patch_concepts`: colour, shape, position."""
     colours, positions = list(sw.COLOURS), list(sw.POSITIONS)
-    out = torch.zeros(len(scenes), N_PATCHES, 3, dtype=torch.long)
-    for i, s in enumerate(scenes):
-        for j, tags in enumerate(sw.patch_tags(s, PATCH)):
-            if tags:
-                out[i, j] = torch.tensor([1 + colours.index(s.colour), 1 + sw.SHAPES.index(s.shape), 1 + positions.index(s.position)])
-    return out
+    ids = [[colours.index(s.colour), sw.SHAPES.index(s.shape), positions.index(s.position)] for s in scenes]
+    return torch.tensor(ids).unsqueeze(1).expand(-1, N_PATCHES, -1)
 
 
 def pretrain_vision(model: Any, processor: Any, cfg: LlavaTrainConfig, log=print) -> dict[str, Any]:
-    """Stage 1, the stand-in for LLaVA's pretrained CLIP: train the vision tower so that each patch
-    of the layer the projector reads names the colour, shape and position of the shape it covers
-    (linear heads, discarded afterwards)."""
+    """Stage 1, the stand-in for LLaVA's pretrained CLIP: train the vision tower so that every patch
+    of the layer the projector reads names the image's colour, shape and position (linear heads,
+    discarded afterwards; the shape head weighs most, circles and squares being close at 32 px).
+    Patches that carry the whole image's content make a vision-SAE clamp on all positions read as
+    one consistent image, as in the VLM paper's CLIP, rather than as new shapes in empty quadrants."""
     tower = model.model.vision_tower
     layer = int(VISION_SITE.rsplit(".", 1)[1]) + 1  # hidden_states index of that layer's output
-    heads = torch.nn.ModuleList([torch.nn.Linear(cfg.vision_hidden, n + 1) for n in (len(sw.COLOURS), len(sw.SHAPES), len(sw.POSITIONS))])
+    heads = torch.nn.ModuleList([torch.nn.Linear(cfg.vision_hidden, n) for n in (len(sw.COLOURS), len(sw.SHAPES), len(sw.POSITIONS))])
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = _schedule(opt, cfg.warmup, cfg.vision_steps)
@@ -166,7 +172,8 @@ def pretrain_vision(model: Any, processor: Any, cfg: LlavaTrainConfig, log=print
         scenes = sw.random_scenes(cfg.vision_batch, int(rng.integers(2**31)), noise_levels=cfg.train_noise)
         feats = tower(pixel_values(processor, [sw.render(s) for s in scenes]), output_hidden_states=True).hidden_states[layer][:, 1:]
         target = patch_targets(scenes)
-        loss = sum(torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), target[..., j].flatten()) for j, h in enumerate(heads))
+        loss = sum(w * torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), target[..., j].flatten())
+                   for j, (h, w) in enumerate(zip(heads, cfg.head_weights)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -214,5 +221,5 @@ def save(model: Any, processor: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["LM_SITE", "LlavaTrainConfig", "N_PATCHES", "PATCH", "VISION_SITE", "answer_ids", "build_untrained", "make_batch",
+__all__ = ["LM_SITE", "LlavaTrainConfig", "N_PATCHES", "PATCH", "patch_concepts", "VISION_SITE", "answer_ids", "build_untrained", "make_batch",
            "pixel_values", "prompt_ids", "save", "train"]

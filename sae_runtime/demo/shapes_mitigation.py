@@ -31,7 +31,8 @@ from sae_runtime.backends.llava import LlavaBackend
 from sae_runtime.demo import shapes_world as sw
 from sae_runtime.demo.shapes_build import PROBE_NOISE
 from sae_runtime.demo.mitigation_eval import MIN_ACCURACY, pick_threshold
-from sae_runtime.demo.shapes_eval import EVAL_SEED, answers, llava_backend
+from sae_runtime.demo.shapes_clamps import answers
+from sae_runtime.demo.shapes_eval import EVAL_SEED, llava_backend
 from sae_runtime.mitigation import MitigationResources, MitigationSpec
 
 THRESHOLDS = tuple(np.round(np.linspace(0.05, 1.0, 20), 2).tolist())

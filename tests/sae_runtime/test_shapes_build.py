@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sae_runtime.backends.types import ImageRequest, SamplingParams, TextRequest
-from sae_runtime.demo import shapes_eval as se
+from sae_runtime.demo import shapes_clamps, shapes_eval as se
 from sae_runtime.demo import shapes_world as sw
 from sae_runtime.demo.shapes_build import ShapesBuildConfig, build
 from sae_runtime.plan import ReadoutSpec
@@ -34,7 +34,7 @@ def test_the_quick_llava_loads_and_answers_with_readouts_and_risk(quick):
     out, manifests = quick
     backend = se.llava_backend(out)
     scene = sw.Scene("red", "circle", "top left")
-    [res] = backend.generate([TextRequest(prompt=sw.QUESTIONS["colour"], image=se.png(scene), sampling=SamplingParams(max_new_tokens=2),
+    [res] = backend.generate([TextRequest(prompt=sw.QUESTIONS["colour"], image=shapes_clamps.png(scene), sampling=SamplingParams(max_new_tokens=2),
                                           readout=ReadoutSpec(saes=("vision", "lm"), top_k=3))])
     assert res.steered.finish_reason in ("eos", "length")  # the quick model is barely trained
     assert res.vision_latents
@@ -107,3 +107,24 @@ def test_recoloured_needs_the_colour_and_the_shapes_area():
     assert sw.shape_pixels(flood) == sw.SIDE * sw.SIDE and sw.shape_pixels(empty) == 0
     assert sw.dominant_colour(flood) == "blue" and not sw.recoloured(flood, default, "blue")
     assert not sw.recoloured(empty, default, "blue")
+
+
+def test_the_quick_llava_colour_clamps_are_the_weakest_that_steer_the_selection_images(quick):
+    """Re-derive the calibration rule by hand: the recorded multiple is the first in MULTS whose
+    selection share reaches 0.9, else the first with the highest share."""
+    out, manifests = quick
+    cfg = ShapesBuildConfig().quick()
+    backend = shapes_clamps.llava_backend(out / "demo-llava", risk=False)
+    selection = sw.random_scenes(cfg.clamp_scenes, cfg.seed + 16)
+    labels = manifests["demo-llava"]["saes"]["vision"]["labels"]
+    colours = [c for c in sw.COLOURS if f"color:{c}" in labels]
+    assert colours
+    for c in colours:
+        lab = labels[f"color:{c}"]
+        others = [s for s in selection if s.colour != c]
+        shares = [shapes_clamps.steer_effect(backend, c, lab["latent"], m * lab["mean_on"], others)[0] for m in shapes_clamps.MULTS]
+        reached = [i for i, s in enumerate(shares) if s >= 0.9]
+        expected = reached[0] if reached else shares.index(max(shares))
+        assert lab["steer_mult"] == shapes_clamps.MULTS[expected], (c, shares)
+        assert lab["selection_share"] == pytest.approx(shares[expected])
+        assert lab["steer_value"] == pytest.approx(lab["steer_mult"] * lab["mean_on"])
