@@ -160,7 +160,9 @@ def eval_llava(models: str | Path, n: int, log=print) -> dict[str, Any]:
     out["vlm_risk_auroc"] = auroc(torch.tensor(scores), torch.tensor(wrong))
     out["vlm_by_noise"] = by_noise
     levels = [by_noise[str(l)]["active_latents"] for l in PROBE_NOISE]
-    out["vlm_concepts_grow_with_noise"] = bool(np.corrcoef(PROBE_NOISE, levels)[0, 1] > 0.5)
+    out["vlm_concepts_grow_with_noise"] = bool(np.corrcoef(PROBE_NOISE, levels)[0, 1] > 0.5)  # active latents
+    labelled = [by_noise[str(l)]["active_concepts"] for l in PROBE_NOISE]
+    out["vlm_labelled_concepts_grow_with_noise"] = bool(np.corrcoef(PROBE_NOISE, labelled)[0, 1] > 0.5)
     log(f"  vlm risk AUROC {out['vlm_risk_auroc']:.3f}; accuracy by noise " +
         " ".join(f"{l}:{by_noise[str(l)]['accuracy']:.2f}" for l in PROBE_NOISE))
     return out
