@@ -4,9 +4,9 @@ Role: peer baseline only, never the measured path. The measured path (our engine
 ``CausalLmBackend.generate``, the call the service makes) runs in steering_overhead.py; this
 script exists only to time the peer library on the same work, for that script's
 ``ratio ours / SAELens`` line. It makes exactly one kind of model call: SAELens' own public
-``HookedSAETransformer.generate`` under the SAE and the clamp (``peer_steered_generate``), which
+``HookedSAETransformer.generate`` under the SAE and the clamp (``baseline_steered_generate`` on ``baseline_model``), which
 is the baseline that ratio divides by. No other forward runs here: no unsteered run, no logit
-check. ``AutoModelForCausalLM.from_pretrained`` only reads the checkpoint's weights so that
+check. In ``baseline_model``, ``AutoModelForCausalLM.from_pretrained`` only reads the checkpoint's weights so that
 TransformerLens' ``convert_llama_weights`` can build the HookedTransformer; it is never called.
 That the converted model is the same model is shown by steering_overhead.py, which checks that
 the steered tokens printed here equal ours.
@@ -33,6 +33,16 @@ import time
 from importlib.metadata import version
 
 import torch
+
+
+def baseline_model(path: str):
+    """The peer baseline's model: a HookedSAETransformer with the weights of the HF Llama checkpoint
+    at ``path``, config mapped as TransformerLens does. The HF model object is only a weight
+    container for ``convert_llama_weights``; it is never run."""
+    from sae_lens import HookedSAETransformer
+    from transformers import AutoModelForCausalLM
+
+    return hooked_llama(AutoModelForCausalLM.from_pretrained(path), HookedSAETransformer)  # weights only, never called
 
 
 def hooked_llama(hf_model, cls):
@@ -70,10 +80,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sae_lens import SAE, HookedSAETransformer
-    from transformers import AutoModelForCausalLM
+    from sae_lens import SAE
 
-    saelens_model = hooked_llama(AutoModelForCausalLM.from_pretrained(args.model), HookedSAETransformer)  # weights only
+    peer_baseline = baseline_model(args.model)  # the peer library's model: the baseline, not the measured path
     sae = SAE.load_from_disk(args.sae)
     hook = sae.cfg.metadata.hook_name
     latents = torch.tensor(json.loads(args.latents))
@@ -83,18 +92,20 @@ def main() -> None:
         acts[..., latents] = args.value
         return acts
 
-    def peer_steered_generate() -> tuple[float, float, list[int]]:
-        """The timed peer baseline: SAELens' own generate under the SAE (error term kept) and the clamp."""
+    def baseline_steered_generate() -> tuple[float, float, list[int]]:
+        """The timed peer baseline (the denominator of steering_overhead.py's ``ours / SAELens``):
+        SAELens' own generate under the SAE (error term kept) and the clamp."""
         gc.collect()
         w0, c0 = time.perf_counter(), time.process_time()
-        with saelens_model.saes(saes=[sae], use_error_term=True):
-            with saelens_model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
-                out = saelens_model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
+        with peer_baseline.saes(saes=[sae], use_error_term=True):
+            with peer_baseline.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_post", clamp)]):
+                # BASELINE: the peer library's steered generation, timed as the baseline only
+                out = peer_baseline.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, stop_at_eos=False,
                                              use_past_kv_cache=True, verbose=False)
         return time.perf_counter() - w0, time.process_time() - c0, out[0, prompt.shape[1]:].tolist()
 
-    peer_steered_generate()  # warm-up
-    runs = [peer_steered_generate() for _ in range(args.repeats)]
+    baseline_steered_generate()  # warm-up
+    runs = [baseline_steered_generate() for _ in range(args.repeats)]
     print(json.dumps({
         "sae_lens_version": version("sae-lens"),
         "steered_wall": statistics.median(r[0] for r in runs), "steered_cpu": statistics.median(r[1] for r in runs),
