@@ -3,8 +3,10 @@
 - :func:`build_app` is the application builder named in Serve config files
   (``import_path: services.app:build_app``, ``args: {config: ..., base_dir: ...}``), so the same
   config drives ``serve deploy`` and a KubeRay RayService.
-- :func:`build_application` turns a validated config into the app: one ``ModelServer`` deployment
-  per model, and the ``SteeringIngress`` that routes to them.
+- :func:`build_application` turns a validated config into the app: the ``SteeringIngress`` that
+  routes requests by model, and one ``ModelServer`` deployment per model, or with
+  ``ingress.colocate_models`` the models served inside the ingress' replicas (one Serve hop per
+  request instead of two; :mod:`services.local_models`).
 - :func:`start` / :func:`main` start Ray and Serve with the gRPC proxy (localhost:9000 by default)
   and the HTTP proxy (localhost:8000: OpenAI-compatible API, JSON mirror, playground at ``/``).
 """
@@ -31,19 +33,21 @@ from services.model_deployment import ModelServer
 def build_application(config: ServiceConfig, base_dir: str | os.PathLike[str]) -> Application:
     """The Serve application for ``config``; relative paths resolve against ``base_dir``."""
     base = Path(base_dir)
-    models = {
-        m.name: ModelServer.options(**m.deployment_options()).bind(
-            m.to_spec(base), m.resources.torch_threads, m.demo
-        )
-        for m in config.models
-    }
+    # ModelServer's arguments per model: bound to its deployment, or built inside the ingress
+    args = {m.name: (m.to_spec(base), m.resources.torch_threads, m.demo) for m in config.models}
+    colocated = config.ingress.colocate_models
+    models = {} if colocated else {m.name: ModelServer.options(**m.deployment_options()).bind(*args[m.name]) for m in config.models}
+    resources = {"num_cpus": config.ingress.num_cpus}
+    if colocated:  # the ingress replica holds the models: it reserves what their deployments would
+        resources = {"num_cpus": resources["num_cpus"] + sum(m.resources.num_cpus for m in config.models),
+                     "num_gpus": sum(m.resources.num_gpus for m in config.models)}
     ingress = SteeringIngress.options(
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        ray_actor_options=resources,
     )
-    return ingress.bind(models, config.auth.model_dump(), {"max_body_bytes": config.http.max_body_bytes})
+    return ingress.bind(models, config.auth.model_dump(), {"max_body_bytes": config.http.max_body_bytes}, args if colocated else None)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -4,8 +4,8 @@ One file declares the models to serve (base model, SAEs, risk probe, limits, eng
 replicas), the gRPC and HTTP ports and an optional bearer token. From it come:
 
 - :meth:`ModelConfig.to_spec`: the ``sae_runtime`` :class:`ModelSpec` a backend is built from;
-- :func:`render_serve_config`: a Ray Serve config dict (``applications`` + ``grpc_options``), the
-  body of a ``serve deploy`` file or of a KubeRay RayService's ``serveConfigV2``.
+- :func:`services.k8s_render.render_serve_config`: a Ray Serve config dict (``applications`` +
+  ``grpc_options``), the body of a ``serve deploy`` file or of a KubeRay RayService's ``serveConfigV2``.
 
 Relative local paths are relative to ``base_dir``: the config file's directory by default.
 Example (configs/demo.yaml)::
@@ -44,7 +44,6 @@ from services.config_frontend import Strict as _Strict
 from services.config_steering import PRESET_KEYS, VectorEntry, check_preset_names, preset_plan  # noqa: F401 - re-exported
 
 #: The import path of the application builder, for Serve config files.
-APP_IMPORT_PATH = "services.app:build_app"
 #: gRPC servicers the proxy registers: the Steering API, the standard health service, and server
 #: reflection v1 (Ray Serve serves v1alpha itself).
 GRPC_SERVICER_FUNCTIONS = (
@@ -347,6 +346,20 @@ class ServiceConfig(_Strict):
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _colocatable(self):
+        """Colocated models live in the ingress' replicas: they do not scale on their own, and they
+        share one process' torch thread pool."""
+        if not self.ingress.colocate_models:
+            return self
+        bad = [f"models.{n}.{key}" for n, m in enumerate(self.models)
+               for key, set_ in (("num_replicas", m.num_replicas != 1), ("autoscaling", m.autoscaling is not None)) if set_]
+        if bad:
+            raise ValueError(f"ingress.colocate_models: colocated models scale with ingress.num_replicas; remove {', '.join(bad)}")
+        if len({m.resources.torch_threads for m in self.models}) > 1:
+            raise ValueError("ingress.colocate_models: colocated models share one process; give every models.N.resources.torch_threads the same value")
+        return self
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.name == name:
@@ -380,28 +393,3 @@ def load_config(path: str | os.PathLike[str]) -> ServiceConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     return parse_config(data, source=str(p))
-
-
-def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int | None = None) -> dict[str, Any]:
-    """A Ray Serve config (ServeDeploySchema) serving ``config``: one application whose builder
-    receives the whole validated config as args, plus the gRPC proxy options.
-
-    ``base_dir`` is where relative paths in the config resolve on the machines that run the
-    replicas (for Kubernetes: the config directory inside the image).
-    """
-    grpc_options: dict[str, Any] = {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
-    if config.grpc.request_timeout_s is not None:
-        grpc_options["request_timeout_s"] = config.grpc.request_timeout_s
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": http_port or config.http.port},
-        "grpc_options": grpc_options,
-        "applications": [
-            {
-                "name": config.app_name,
-                "route_prefix": "/",
-                "import_path": APP_IMPORT_PATH,
-                "args": {"config": config.model_dump(mode="json", exclude_defaults=True), "base_dir": str(base_dir)},
-            }
-        ],
-    }

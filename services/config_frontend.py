@@ -55,3 +55,7 @@ class IngressEntry(Strict):
     num_cpus: float = Field(0.1, ge=0.0)
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1)
+    #: Serve every model inside the ingress replica (one Serve hop per request; the models scale
+    #: with the ingress' replicas, which reserve the models' resources) rather than one deployment
+    #: per model (two hops; each model scales on its own).
+    colocate_models: bool = False

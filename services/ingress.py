@@ -3,12 +3,13 @@ the HTTP API (services/http: OpenAI-compatible endpoints, a JSON mirror, the pla
 Ray Serve's HTTP proxy, whose requests run through these same methods.
 
 Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
-routed by ``request.model`` to that model's deployment (DeploymentHandle composition), so clients
-need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
+routed by ``request.model`` to that model's deployment (DeploymentHandle composition), or with
+``ingress.colocate_models`` to the model served inside this replica (:mod:`services.local_models`,
+called the same way), so clients need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
 through :func:`services.errors.set_error` (code, message and google.rpc.Status details); the
 replica never sees them escape.
 
-This module imports no torch: the ingress stays small and starts fast.
+This module imports no torch: the ingress stays small and starts fast (colocated models bring it).
 """
 
 from __future__ import annotations
@@ -60,12 +61,19 @@ def _routed(rpc: str, response: type, method: str, *, timed: bool = True) -> Cal
 @serve.ingress()
 class SteeringIngress:
     def __init__(
-        self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None, http: dict[str, Any] | None = None
+        self, models: dict[str, DeploymentHandle], auth: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
+        colocated: dict[str, tuple[Any, ...]] | None = None,
     ) -> None:
+        """``models``: model name -> its deployment's handle; ``colocated``: model name ->
+        ``ModelServer`` arguments, for models served inside this replica (:mod:`services.local_models`)."""
         # Handles are built where the app was bound, with that process' transport default; follow
         # this replica's RAY_SERVE_USE_GRPC_BY_DEFAULT (services.app.ray_env) for the model hop.
         grpc_data_plane = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1"
-        self._models = {name: handle.options(_by_reference=not grpc_data_plane) for name, handle in models.items()}
+        self._models: dict[str, Any] = {name: handle.options(_by_reference=not grpc_data_plane) for name, handle in models.items()}
+        if colocated:
+            from services.local_models import local_model_handles
+
+            self._models |= local_model_handles(colocated)
         self._token = _resolve_token(auth or {})
         self._metrics = ingress_metrics()
         self._model_infos: dict[str, pb.ModelInfo] = {}

@@ -2,7 +2,7 @@
 
 ``python -m services.k8s_render`` writes, for every overlay under ``k8s/overlays/``, a kustomize
 patch (``serve-config.yaml``) that sets the RayService's ``spec.serveConfigV2`` to the Serve config
-rendered by :func:`services.config.render_serve_config` from that overlay's service config
+rendered by :func:`render_serve_config` from that overlay's service config
 (``configs/demo.yaml`` for ``cpu-demo``, ``configs/gpu.yaml`` for ``gpu``). The patches are
 committed so that ``kubectl kustomize k8s/overlays/<name>`` needs nothing but the repository;
 ``--check`` (and tests/deploy/test_k8s.py) fails when a committed patch differs from a fresh
@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import yaml
 
-from services.config import load_config, render_serve_config
+from services.config import GRPC_SERVICER_FUNCTIONS, ServiceConfig, load_config
+
+#: The application builder a rendered Serve config names.
+APP_IMPORT_PATH = "services.app:build_app"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Where the Dockerfile puts the repository inside the image.
@@ -30,6 +35,32 @@ IMAGE_APP_DIR = PurePosixPath("/app")
 #: metadata.name of the RayService in k8s/base/rayservice.yaml.
 RAYSERVICE_NAME = "steering"
 PATCH_FILE = "serve-config.yaml"
+
+
+
+def render_serve_config(config: ServiceConfig, *, base_dir: str | os.PathLike[str], http_port: int | None = None) -> dict[str, Any]:
+    """A Ray Serve config (ServeDeploySchema) serving ``config``: one application whose builder
+    receives the whole validated config as args, plus the gRPC proxy options.
+
+    ``base_dir`` is where relative paths in the config resolve on the machines that run the
+    replicas (for Kubernetes: the config directory inside the image).
+    """
+    grpc_options: dict[str, Any] = {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+    if config.grpc.request_timeout_s is not None:
+        grpc_options["request_timeout_s"] = config.grpc.request_timeout_s
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": http_port or config.http.port},
+        "grpc_options": grpc_options,
+        "applications": [
+            {
+                "name": config.app_name,
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": {"config": config.model_dump(mode="json", exclude_defaults=True), "base_dir": str(base_dir)},
+            }
+        ],
+    }
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""One Ray Serve deployment per configured model: validate each request once, hand it to the engine.
+"""One Ray Serve deployment per configured model (or, colocated, one object per model inside the
+ingress replica: :mod:`services.local_models`): validate each request once, hand it to the engine.
 
 Every request is converted and validated on its own (``Backend.validate``: tokenised, labels
 resolved, image decoded, once) before it reaches the engine, so a bad request fails alone with a

@@ -10,15 +10,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from sae_runtime.backends.spec import Limits
-from services.config import (
-    APP_IMPORT_PATH,
-    DEFAULT_CONFIG,
-    GRPC_SERVICER_FUNCTIONS,
-    ConfigError,
-    load_config,
-    parse_config,
-    render_serve_config,
-)
+from services.config import DEFAULT_CONFIG, GRPC_SERVICER_FUNCTIONS, ConfigError, load_config, parse_config
+from services.k8s_render import APP_IMPORT_PATH, render_serve_config
 
 
 def minimal(**model_overrides) -> dict:
@@ -125,6 +118,37 @@ def test_deployment_options_from_resources_replicas_and_autoscaling():
     options = scaled.deployment_options()
     assert "num_replicas" not in options
     assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2.0}
+
+
+def test_colocated_models_build_one_ingress_that_reserves_their_resources():
+    from services.app import build_application
+
+    two = [{"name": n, "kind": "causal_lm", "path": "models/lm", "saes": [{"name": "res", "path": "saes/res"}],
+            "resources": {"num_cpus": c, "num_gpus": g, "torch_threads": 1}} for n, c, g in (("a", 0.5, 0), ("b", 0.25, 1))]
+    config = parse_config({"ingress": {"num_cpus": 0.1, "colocate_models": True}, "models": two})
+    ingress = build_application(config, "/srv")._bound_deployment
+    handles, _auth, _http, colocated = ingress.init_args
+    assert handles == {} and list(colocated) == ["a", "b"]
+    assert colocated["a"][0].name == "a" and colocated["a"][0].path == "/srv/models/lm"
+    assert ingress.ray_actor_options["num_cpus"] == pytest.approx(0.85) and ingress.ray_actor_options["num_gpus"] == 1
+    separate = build_application(parse_config({"ingress": {"num_cpus": 0.1}, "models": two}), "/srv")._bound_deployment
+    assert list(separate.init_args[0]) == ["a", "b"] and separate.init_args[3] is None
+    assert separate.ray_actor_options == {"num_cpus": 0.1}
+
+
+@pytest.mark.parametrize("override,named", [
+    ({"num_replicas": 2}, "models.0.num_replicas"),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 2}}, "models.0.autoscaling"),
+    ({"resources": {"torch_threads": 2}}, "torch_threads"),
+])
+def test_colocated_models_cannot_scale_alone_or_differ_in_threads(override, named):
+    data = minimal(**override)
+    data["models"].append({**minimal()["models"][0], "name": "lm2", "resources": {"torch_threads": 1}})
+    data["ingress"] = {"colocate_models": True}
+    message = error_of(data)
+    assert "ingress.colocate_models" in message and named in message
+    data["ingress"] = {"colocate_models": False}
+    assert parse_config(data).models[0].name == "lm"  # fine with a deployment per model
 
 
 def test_rendered_serve_config_passes_serves_schema_and_round_trips_the_config():

@@ -253,7 +253,8 @@ def test_http_listens_on_loopback_by_default(service):
     import socket
     from urllib.parse import urlparse
 
-    from services.config import parse_config, render_serve_config
+    from services.config import parse_config
+    from services.k8s_render import render_serve_config
 
     config = parse_config({"models": [{"name": "m", "kind": "llava", "demo": True}]})
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)

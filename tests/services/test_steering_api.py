@@ -35,7 +35,8 @@ from sae_runtime.plan import (
 )
 from services import cli, convert
 from services.client import Generation, SteeringError, all_of, any_of, edit, plan, vector, when
-from services.config import ConfigError, parse_config, preset_plan, render_serve_config
+from services.config import ConfigError, parse_config, preset_plan
+from services.k8s_render import render_serve_config
 from tests.services.helpers import LM, LM_HOOK, LM_LABELS, LM_LIMITS, LM_PRESETS, LM_SAE, LM_VECTOR, LM_VECTOR_KEY, one_thread
 
 D_MODEL = 32  # the session LM's width at LM_HOOK
