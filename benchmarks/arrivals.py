@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _support.serving import steered_requests, demo_lm_setup, machine, serving  # noqa: E402
+from _support.serving import steered_requests, demo_lm_setup, machine, serving, add_topology_flag, topology  # noqa: E402
 
 
 async def _stream(stub, request) -> tuple[float, float]:
@@ -60,12 +60,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--load", type=float, default=2.0, help="arrival rate as a multiple of the one-at-a-time rate")
+    add_topology_flag(ap)
     args = ap.parse_args()
 
     from services.client import Generation, SteeringClient
 
     rng = random.Random(0)
-    with demo_lm_setup() as setup, serving(setup) as target:
+    with demo_lm_setup(separate_deployments=args.separate_deployments) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
             requests = steered_requests(client, setup.model, args.requests, lambda i: Generation(max_new_tokens=rng.randint(4, 64), stop=()))
             client.generate_request(requests[0])  # warm-up
@@ -77,7 +78,7 @@ def main() -> None:
     p50 = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     p95 = lambda xs: statistics.quantiles(xs, n=20)[-1] * 1e3  # noqa: E731
     print(f"machine: {machine()}")
-    print(f"model: {setup.what}; {args.requests} streamed requests, 4-64 new tokens, own edits each")
+    print(f"model: {setup.what}; {topology(setup)}; {args.requests} streamed requests, 4-64 new tokens, own edits each")
     print(f"one at a time: {args.requests / solo_s:.2f} req/s, TTFT p50 {p50(solo_ttft):.1f} ms p95 {p95(solo_ttft):.1f} ms")
     print(f"open loop at {args.load:g}x that rate ({args.load * rate:.2f} req/s offered): {args.requests / load_s:.2f} req/s, "
           f"TTFT p50 {p50(load_ttft):.1f} ms p95 {p95(load_ttft):.1f} ms")

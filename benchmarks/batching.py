@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support.serving import steered_requests, DEMO_CONFIG, demo_lm_setup, machine, serving  # noqa: E402
+from _support.serving import steered_requests, DEMO_CONFIG, demo_lm_setup, machine, serving, add_topology_flag, topology  # noqa: E402
 
 
 async def concurrent_aio(target: str, requests: list, concurrency: int) -> list:
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0, help="override the config's resources.torch_threads")
     ap.add_argument("--max-running-rows", type=int, default=None, help="override the config's engine.max_running_rows")
     ap.add_argument("--client", choices=("aio", "threads"), default="aio", help="concurrent client: grpc.aio tasks or threads")
+    add_topology_flag(ap)
     args = ap.parse_args()
 
     from services.client import Generation, SteeringClient
@@ -69,7 +70,7 @@ def main() -> None:
         engine = dict(next(m for m in demo["models"] if m["name"] == "demo-lm")["engine"])
         engine["max_running_rows"] = args.max_running_rows
         overrides["engine"] = engine
-    with demo_lm_setup(**overrides) as setup, serving(setup) as target:
+    with demo_lm_setup(separate_deployments=args.separate_deployments, **overrides) as setup, serving(setup) as target:
         with SteeringClient(target, timeout=300) as client:
             requests = steered_requests(client, setup.model, args.requests, lambda i: Generation(max_new_tokens=args.new_tokens))
 
@@ -100,7 +101,7 @@ def main() -> None:
     batch_sizes = [r.timings.batch_size for r in outputs["concurrent"]]
     print(f"machine: {machine()}")
     entry = setup.config["models"][0]
-    print(f"model: {setup.what}; replica resources {entry.get('resources')}, engine {entry.get('engine')}")
+    print(f"model: {setup.what}; {topology(setup)}; replica resources {entry.get('resources')}, engine {entry.get('engine')}")
     print(f"requests {args.requests}, each with its own edit set; {args.new_tokens} new tokens each; "
           f"concurrency {args.concurrency} ({args.client} client); repeats {args.repeats} (median)")
     throughput = {}

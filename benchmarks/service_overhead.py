@@ -6,13 +6,15 @@ is served by Ray Serve with the gRPC proxy on loopback, and also loaded in this 
 same spec. One steered request (8 latents clamped, greedy, 1 new token) is sent ``--requests``
 times one after the other down each path, in alternating blocks:
 
-- grpc: client -> gRPC proxy -> ingress deployment -> model deployment (validation, the
-  replica's engine thread) and back;
+- grpc: client -> gRPC proxy -> ingress deployment -> the model (validation, the engine's
+  thread) and back; the model is served inside the ingress replica when the config colocates
+  models (``ingress.colocate_models``, as configs/demo.yaml does), else in its own deployment
+  (one more hop);
 - in-process: the model deployment's own steps without Ray: proto -> request spec, validate,
   ``backend.generate([request])`` (the same engine, stepped in this thread), result -> proto.
 
 Two calls with no model compute show where the time goes: ListModels (proxy -> ingress, answered
-from the ingress' cache) and SearchFeatures (proxy -> ingress -> model deployment, a label scan).
+from the ingress' cache) and SearchFeatures (proxy -> ingress -> the model, a label scan).
 
 The last line is ``ratio <(p50 grpc - p50 in-process) / p50 ListModels>``: what the service adds
 to a request, in units of Ray Serve's own round trip.
@@ -28,13 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support.serving import demo_lm_setup, machine, serving  # noqa: E402
+from _support.serving import demo_lm_setup, machine, serving, add_topology_flag, topology  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--block", type=int, default=20, help="requests per path before switching")
+    add_topology_flag(ap)
     args = ap.parse_args()
 
     import torch
@@ -44,7 +47,7 @@ def main() -> None:
     from services.client import Generation, SteeringClient, edit
     from services.config import parse_config
 
-    with demo_lm_setup() as setup:
+    with demo_lm_setup(separate_deployments=args.separate_deployments) as setup:
         model = parse_config(setup.config).models[0]
         if model.resources.torch_threads:
             torch.set_num_threads(model.resources.torch_threads)
@@ -63,12 +66,13 @@ def main() -> None:
             (result,) = backend.generate([request])
             convert.text_result_to_proto(result, timings=convert.pb.Timings(), versions=convert.pb.Versions(), steered=True)
 
+        colocated = parse_config(setup.config).ingress.colocate_models
         with serving(setup) as target, SteeringClient(target, timeout=60) as client:
             paths = {"grpc": lambda: client.generate_request(message(setup.model))}
             paths |= {
                 "in-process": in_process,
                 "ListModels (hops: proxy, ingress)": client.list_models,
-                "SearchFeatures (+ model hop)": lambda: client.search_features(setup.model, "", limit=1),
+                f"SearchFeatures ({'model in the ingress' if colocated else '+ model hop'})": lambda: client.search_features(setup.model, "", limit=1),
             }
             for fn in paths.values():  # warm-up
                 for _ in range(5):
@@ -84,11 +88,11 @@ def main() -> None:
     p50 = {name: statistics.median(ts) * 1e3 for name, ts in latencies.items()}
     base = p50["in-process"]
     print(f"machine: {machine()}")
-    print(f"model: {setup.what}")
+    print(f"model: {setup.what}; {topology(setup)}")
     print(f"one steered request (8 latents clamped), 1 new token, {len(latencies['in-process'])} per path, sequential")
     for name, ms in p50.items():
         p95 = statistics.quantiles(latencies[name], n=20)[-1] * 1e3
-        extra = "" if name == "in-process" or "hop" in name else f"  (+{ms - base:.2f} ms over in-process)"
+        extra = f"  (+{ms - base:.2f} ms over in-process)" if name == "grpc" else ""
         print(f"{name:34s} p50 {ms:7.2f} ms  p95 {p95:7.2f} ms{extra}")
     added, trip = p50["grpc"] - base, p50["ListModels (hops: proxy, ingress)"]
     print(f"added p50: {added:.2f} ms; bare Ray Serve round trip (ListModels) p50: {trip:.2f} ms")

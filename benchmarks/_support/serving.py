@@ -72,9 +72,10 @@ def _standin(root: Path) -> dict:
 
 
 @contextmanager
-def demo_lm_setup(**model_overrides) -> Iterator[LmSetup]:
-    """The demo LM's service config (engine, limits and resources as configs/demo.yaml sets them),
-    with ``model_overrides`` applied to its model entry."""
+def demo_lm_setup(*, separate_deployments: bool = False, **model_overrides) -> Iterator[LmSetup]:
+    """The demo LM's service config (ingress, engine, limits and resources as configs/demo.yaml
+    sets them), with ``model_overrides`` applied to its model entry; ``separate_deployments``
+    serves the model in a deployment of its own even where configs/demo.yaml colocates it."""
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     demo_entry = next(m for m in demo["models"] if m["name"] == DEMO_MODEL)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -88,9 +89,23 @@ def demo_lm_setup(**model_overrides) -> Iterator[LmSetup]:
             if key in demo_entry:
                 entry[key] = demo_entry[key]
         entry.update(model_overrides)
-        config = {"grpc": {"port": free_port(), "request_timeout_s": 120}, "ingress": demo.get("ingress", {}),
-                  "models": [entry]}
+        ingress = dict(demo.get("ingress", {}))
+        if separate_deployments:
+            ingress["colocate_models"] = False
+        config = {"grpc": {"port": free_port(), "request_timeout_s": 120}, "ingress": ingress, "models": [entry]}
         yield LmSetup(config, base_dir, DEMO_MODEL, what)
+
+
+def add_topology_flag(parser) -> None:
+    """``--separate-deployments``: the model in a deployment of its own (two Serve hops), not
+    colocated in the ingress as configs/demo.yaml has it."""
+    parser.add_argument("--separate-deployments", action="store_true",
+                        help="serve the model in its own deployment (configs/demo.yaml colocates it in the ingress)")
+
+
+def topology(setup: LmSetup) -> str:
+    colocated = setup.config["ingress"].get("colocate_models", False)
+    return "model colocated in the ingress (one Serve hop)" if colocated else "model in its own deployment (two Serve hops)"
 
 
 @contextmanager
