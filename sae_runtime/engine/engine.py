@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from sae_runtime.backends.completion import RowText
-from sae_runtime.backends.lm_results import LabelIndex, pooled_latents, position_latents, risk_pools
+from sae_runtime.backends.lm_results import LabelIndex
 from sae_runtime.backends.sampling import SlotSampler, new_generator, top_logprobs
-from sae_runtime.backends.types import (Completion, ConditionHit, GeneratedToken, StreamEvent, TextResult, Timings,
-                                        VariantResult)
+from sae_runtime.backends.types import ConditionHit, StreamEvent, TextResult
 from sae_runtime.engine.kv import SlotKvCache
 from sae_runtime.engine.loop import StepLoop
 from sae_runtime.engine.plans import PlanTable
 from sae_runtime.engine.request import PreparedText, RequestRun, RequestStatus, SequenceRun
+from sae_runtime.engine.results import ResultBuilder
 from sae_runtime.engine.scheduler import EngineConfig, Scheduler
 from sae_runtime.engine.step import ModalityPlugin, StepRunner
 from sae_runtime.errors import Cancelled, DeadlineExceeded
@@ -75,6 +75,7 @@ class TextEngine(StepLoop):
         self.probe_saes = [n for n, _ in risk_probe.layout.saes] if risk_probe is not None else []
         n_slots = config.max_running_rows
         self.plans = PlanTable(model, saes, n_slots)
+        self.results = ResultBuilder(self.plans.readouts, labels, risk_probe, self.d_sae, self.probe_saes, self.vision_saes)
         self.kv = SlotKvCache()
         self.runner = StepRunner(model, self.plans, self.kv, pad_id, plugin)
         self.plugin = plugin
@@ -313,91 +314,17 @@ class TextEngine(StepLoop):
                 else:
                     run.sent = ready
         if streams:
-            risks = self._running_risks(streams)
+            risks = self.results.running_risks(streams)
             for run, risk in zip(streams, risks):
                 ready = run.steered.ready
-                for tok in self._live_tokens(run, run.sent, ready):
+                for tok in self.results.live_tokens(run, run.sent, ready):
                     run.emit(StreamEvent(token=tok, risk=risk))
                 run.sent = ready
         for run in list(self._running):
             if all(s.finished for s in run.sequences):
-                run.result = self._result(run, now)
+                run.result = self.results.final(run, now)
                 self._end(run, RequestStatus.FINISHED, None)
         return ttft, itl
-
-    def _running_risks(self, runs: Sequence[RequestRun]) -> list[float | None]:
-        if self.risk_probe is None:
-            return [None] * len(runs)
-        pools = self.plans.readouts.risk_pools([r.steered.slot for r in runs], self.probe_saes, with_generated=True)
-        return [s.probability for s in self.risk_probe.score_many(pools, "final")]
-
-    def _live_tokens(self, run: RequestRun, start: int, upto: int) -> list[GeneratedToken]:
-        """Streamed tokens ``start .. upto-1`` of the steered row, latents read off this step's chunks."""
-        req, seq = run.prepared.request, run.steered
-        names = [n for n in req.readout.saes if n not in self.vision_saes] if req.readout else []
-        out = []
-        for j, rec in enumerate(seq.text.records[start:upto], start):
-            latents: tuple = ()
-            if names:
-                one = {n: self.plans.readouts.decode_position(seq.slot, n, j) for n in names}
-                if all(v is not None for v in one.values()):
-                    latents = position_latents(one, "decode", names, req.readout.top_k, self.labels)[0]
-            out.append(GeneratedToken(id=rec.id, text=rec.text, logprob=rec.logprob, top_logprobs=rec.top_logprobs, latents=latents))
-        return out
-
-    def _result(self, run: RequestRun, now: float) -> TextResult:
-        req = run.prepared.request
-        readouts = [self.plans.readouts.finish(s.slot) for s in run.sequences]
-        steered = readouts[0]
-        names = list(req.readout.saes) if req.readout else []
-        text_names = [n for n in names if n not in self.vision_saes]
-        vision_names = [n for n in names if n in self.vision_saes]
-        top_k = req.readout.top_k if req.readout else 1
-        risk_prompt = risk_final = None
-        if self.risk_probe is not None:
-            risk_prompt = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=False)], "prompt")[0]
-            risk_final = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
-        completions = []
-        for seq, readout in zip(run.sequences, readouts):
-            tokens = self._completion_tokens(run, seq, readout, text_names, top_k)
-            completions.append(Completion(text=seq.text.text, tokens=tokens, finish_reason=seq.text.finish_reason or "length",
-                                          stopped_by=seq.stopped_by))
-        default = next((c for s, c in zip(run.sequences, completions) if s.default), None)
-        variants = []
-        for seq, readout, completion in zip(run.sequences, readouts, completions):
-            if seq.variant < 0:
-                continue
-            risk = None
-            if self.risk_probe is not None:
-                risk = self.risk_probe.score_many([risk_pools(readout, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
-            variants.append(VariantResult(completion=completion, risk_final=risk, plan=seq.plan))
-        return TextResult(
-            steered=completions[0],
-            default=default,
-            plan=run.steered.plan,
-            variants=tuple(variants),
-            prompt_latents=tuple(position_latents(steered, "prefill", text_names, top_k, self.labels)) if text_names else (),
-            pooled=pooled_latents(steered, names, top_k, self.labels) if names else (),
-            risk_prompt=risk_prompt,
-            risk_final=risk_final,
-            timings=Timings(
-                queue_ms=((run.admitted or now) - run.submitted) * 1e3,
-                compute_ms=(now - (run.admitted or now)) * 1e3,
-                first_token_ms=((run.first_token or now) - (run.admitted or now)) * 1e3,
-                batch_size=run.running_at_admission,
-            ),
-            vision_latents=tuple(position_latents(steered, "prefill", vision_names, top_k, self.labels)) if vision_names else (),
-            mitigation=run.mitigation,
-        )
-
-    def _completion_tokens(self, run: RequestRun, seq: SequenceRun, readout: Mapping[str, Any], names: list[str],
-                           top_k: int) -> tuple[GeneratedToken, ...]:
-        per_position = position_latents(readout, "decode", names, top_k, self.labels) if names else []
-        return tuple(
-            GeneratedToken(id=r.id, text=r.text, logprob=r.logprob, top_logprobs=r.top_logprobs,
-                           latents=per_position[j] if j < len(per_position) else ())
-            for j, r in enumerate(seq.text.records)
-        )
 
     def _end(self, run: RequestRun, status: RequestStatus, error: BaseException | None) -> None:
         """``run`` leaves: slots freed, its final event sent, waiters woken."""
