@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.backends import types as rt
+from sae_runtime.backends.feature_search import FeatureMatch
 from sae_runtime.backends.spec import Limits
 from sae_runtime.errors import InvalidArgument, NotFound, TooLarge
 from sae_runtime.plan import ReadoutSpec
@@ -322,7 +323,7 @@ def evaluate_sae_result_to_proto(m: Any, *, timings: pb.Timings, versions: pb.Ve
     return msg
 
 
-def feature_to_proto(f: rt.FeatureMatch) -> pb.Feature:
+def feature_to_proto(f: FeatureMatch) -> pb.Feature:
     """A SearchFeatures hit; ``score`` is the semantic search's cosine (1 for a label-substring match)."""
     return pb.Feature(sae=f.sae, index=f.index, label=f.label, score=float(f.score))
 

@@ -23,6 +23,7 @@ from ray import serve
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.backends import types as rt
+from sae_runtime.backends.feature_search import search_features
 from sae_runtime.backends.registry import build_backend, demo_spec
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.engine import StepStats
@@ -248,7 +249,7 @@ class ModelServer:
 
     def search_features(self, request: pb.SearchFeaturesRequest) -> pb.SearchFeaturesResponse:
         """Labelled latents by meaning or by label substring (case-insensitive), or the latent ``index``."""
-        found = rt.search_features(self.backend, request.query, request.sae, request.index if request.HasField("index") else None,
+        found = search_features(self.backend, request.query, request.sae, request.index if request.HasField("index") else None,
                                    request.limit or DEFAULT_SEARCH_LIMIT, **convert.search_options_from_proto(request))
         return pb.SearchFeaturesResponse(features=[convert.feature_to_proto(f) for f in found])
 

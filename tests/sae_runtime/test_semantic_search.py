@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sae_runtime import search
-from sae_runtime.backends.types import Backend, ModelInfo, SaeInfo, search_features
+from sae_runtime.backends.feature_search import search_features
+from sae_runtime.backends.types import Backend, ModelInfo, SaeInfo
 from sae_runtime.errors import InvalidArgument, NotFound
 from sae_runtime.formats import load_sae
 from sae_runtime.saes.base import Sae
