@@ -5,9 +5,9 @@ Ray Serve's HTTP proxy, whose requests run through these same methods.
 Ray Serve's gRPC proxy calls the method whose name equals the RPC's name. Each Steering RPC is
 routed by ``request.model`` to that model's deployment (DeploymentHandle composition), or with
 ``ingress.colocate_models`` to the model served inside this replica (:mod:`services.local_models`,
-called the same way), so clients need no Ray-specific metadata. Exceptions (ours, the backend's, Ray's) become a gRPC status here,
-through :func:`services.errors.set_error` (code, message and google.rpc.Status details); the
-replica never sees them escape.
+called the same way), so clients need no Ray-specific metadata. Exceptions (ours, the backend's,
+Ray's) become a gRPC status here, through :func:`services.errors.set_error` (code, message and
+google.rpc.Status details); the replica never sees them escape.
 
 This module imports no torch: the ingress stays small and starts fast (colocated models bring it).
 """
