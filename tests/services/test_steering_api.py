@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.backends import types as rt
+from sae_runtime.backends.feature_search import FeatureMatch
 from sae_runtime.backends.spec import Limits, VectorSpec
 from sae_runtime.errors import InvalidArgument, NotFound, SaeRuntimeError, TooLarge
 from sae_runtime.plan import (
@@ -255,7 +256,7 @@ def test_search_requests_pass_semantic_only_when_set_and_features_carry_their_sc
     assert convert.search_options_from_proto(pb.SearchFeaturesRequest(query="red")) == {}
     assert convert.search_options_from_proto(pb.SearchFeaturesRequest(query="red", semantic=False)) == {"semantic": False}
     # needs the search room: FeatureMatch.score
-    feature = convert.feature_to_proto(rt.FeatureMatch(LM_SAE, 3, "color:red", score=0.625))
+    feature = convert.feature_to_proto(FeatureMatch(LM_SAE, 3, "color:red", score=0.625))
     assert (feature.sae, feature.index, feature.label, feature.score) == (LM_SAE, 3, "color:red", 0.625)
 
 
