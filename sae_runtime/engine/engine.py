@@ -156,6 +156,7 @@ class TextEngine(StepLoop):
                 self.cancel(run)
 
     # -- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()  # nothing a step computes is differentiated; the engine's tensors stay in it
     def _step(self, incoming: list[RequestRun]) -> StepStats | None:
         """Retire ended requests, admit waiting ones, run the step's forwards, emit events."""
         self.scheduler.waiting.extend(incoming)
@@ -195,12 +196,12 @@ class TextEngine(StepLoop):
         self._restarts = []
         for run in admitted:
             run.status, run.admitted = RequestStatus.PREFILLING, started
+            self._running.append(run)  # first: a failure below ends it like every running request
             for seq in run.sequences:
                 seq.slot = self._free.pop()
                 self.plans.assign(seq.slot, seq.plan, run.reads)
                 self.sampler.assign(seq.slot, run.prepared.request.sampling, seq.generator, run.prepared.prompt_ids)
                 new_rows.append(seq)
-            self._running.append(run)
         for run in admitted:
             run.running_at_admission = len(self._running)
         prefill_tokens = 0

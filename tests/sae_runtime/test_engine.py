@@ -168,6 +168,33 @@ def test_an_expired_request_ends_deadline_exceeded_at_the_next_step(tmp_path):
     assert backend.engine.running_rows == 0
 
 
+def test_a_failure_while_admitting_ends_the_request_and_frees_its_slots(tmp_path):
+    """A step that fails before its admitted requests ran (here their sampler setup raises) ends
+    them FAILED with the error (it used to leave them neither waiting nor running, so a caller
+    waited forever) and frees their slots; the next request runs as if nothing happened."""
+    backend = _backend(tmp_path, "llama")
+    engine = backend.engine
+    want = backend.generate([TextRequest(prompt=PROMPTS[0], plan=_edit(EditOp.SET, (3,), 2.0))])[0]
+    free = sorted(engine._free)
+    real_assign = engine.sampler.assign
+    calls = {"n": 0}
+
+    def assign_once_broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second row of the batch: the first row's slot is already taken
+            raise RuntimeError("sampler setup failed")
+        return real_assign(*args, **kwargs)
+
+    engine.sampler.assign = assign_once_broken
+    events: list = []
+    runs = [engine.submit(backend.validate(TextRequest(prompt=p)), events.append) for p in PROMPTS[1:3]]
+    engine.wait(runs)
+    assert all(r.status is RequestStatus.FAILED and isinstance(r.error, RuntimeError) for r in runs)
+    assert sorted(engine._free) == free and engine.running_rows == 0 and not engine.scheduler.waiting
+    got = backend.generate([TextRequest(prompt=PROMPTS[0], plan=_edit(EditOp.SET, (3,), 2.0))])[0]
+    _same(got, want)
+
+
 def test_the_threaded_engine_serves_concurrent_callers(tmp_path):
     backend = _backend(tmp_path, "llama")
     requests = _requests()
