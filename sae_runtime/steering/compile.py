@@ -98,40 +98,61 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
             for lat, *_ in row:
                 depth[r][col[lat]] += 1
         k = max((d for row in depth for d in row), default=1)
-        shape = (k, n_rows, len(union))
-        mul, add = torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-        add_norm, cap = torch.zeros(shape, dtype=torch.float64), torch.full(shape, math.inf, dtype=torch.float64)
+        u = len(union)
+        # Entries are collected as (layer, row, column) -> value and written with one indexed
+        # assignment per tensor: writing entry by entry costs microseconds each, and an engine
+        # step that admits rows recompiles every running row's plan.
+        entries: dict[str, tuple[list[tuple[int, int, int]], list[float]]] = {k_: ([], []) for k_ in
+                                                                           ("mul", "add", "add_norm", "cap", "cond")}
+
+        def put(which: str, at: tuple[int, int, int], value: float) -> None:
+            entries[which][0].append(at)
+            entries[which][1].append(value)
+
         idx = torch.tensor(union, dtype=torch.long)
-        row_norms = saes[name].decoder_rows(idx.to(saes[name].W_dec.device)).detach().double().norm(dim=-1).cpu()
+        row_norms: list[float] | None = None
         conditions = list(dict.fromkeys(c for row in rows for *_, c in row if c is not None))
         cond_id = {c: n + 1 for n, c in enumerate(conditions)}
-        cond = torch.zeros(shape, dtype=torch.long) if conditions else None
         for r, row in enumerate(rows):
-            layer = [0] * len(union)
+            layer = [0] * u
             for lat, op, value, normalize, condition in row:
                 j = col[lat]
-                lk = layer[j]
+                at = (layer[j], r, j)
                 layer[j] += 1
                 if condition is not None:
-                    cond[lk, r, j] = cond_id[condition]  # type: ignore[index]
+                    put("cond", at, cond_id[condition])
                 if op is EditOp.SET:
-                    mul[lk, r, j], add[lk, r, j] = 0.0, value
+                    put("mul", at, 0.0)
+                    put("add", at, value)
                 elif op is EditOp.ABLATE:
-                    mul[lk, r, j] = 0.0
+                    put("mul", at, 0.0)
                 elif op is EditOp.SCALE:
-                    mul[lk, r, j] = value
+                    put("mul", at, value)
                 elif op is EditOp.ADD and normalize:
-                    norm = float(row_norms[j])
-                    add_norm[lk, r, j] = value / norm if norm > 0 else 0.0
+                    if row_norms is None:
+                        rows_w = saes[name].decoder_rows(idx.to(saes[name].W_dec.device))
+                        row_norms = rows_w.detach().double().norm(dim=-1).cpu().tolist()
+                    norm = row_norms[j]
+                    put("add_norm", at, value / norm if norm > 0 else 0.0)
                 elif op is EditOp.ADD:
-                    add[lk, r, j] = value
+                    put("add", at, value)
                 elif op is EditOp.CAP:
-                    cap[lk, r, j] = value
+                    put("cap", at, value)
+        shape = (k, n_rows, u)
+
+        def filled(which: str, default: float, dtype: torch.dtype) -> Tensor:
+            out = torch.full(shape, default, dtype=dtype)
+            at, values = entries[which]
+            if at:
+                out[tuple(torch.tensor(at, dtype=torch.long).unbind(1))] = torch.tensor(values, dtype=dtype)
+            return out
+
+        cond = filled("cond", 0, torch.long) if conditions else None
         preserve = tuple(True if p is None else bool(p.preserve_error) for p in plans)
         compiled[name] = CompiledEdits(
-            sae=name, latents=idx, mul=mul, add=add, add_norm=add_norm, cap=cap,
-            edits_row=tuple(bool(row) for row in rows), preserve=preserve,
-            cond=cond, conditions=tuple(conditions),
+            sae=name, latents=idx, mul=filled("mul", 1.0, torch.float64), add=filled("add", 0.0, torch.float64),
+            add_norm=filled("add_norm", 0.0, torch.float64), cap=filled("cap", math.inf, torch.float64),
+            edits_row=tuple(bool(row) for row in rows), preserve=preserve, cond=cond, conditions=tuple(conditions),
         )
     return compiled
 
