@@ -22,6 +22,14 @@ class SaeRuntimeError(Exception):
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
 
+    def __reduce__(self) -> tuple:
+        # Pickled with its field (the engine process sends errors to the replica).
+        return _rebuild_error, (type(self), self.message, self.field)
+
+
+def _rebuild_error(cls: type[SaeRuntimeError], message: str, field: str | None) -> SaeRuntimeError:
+    return cls(message, field=field)
+
 
 class NotFound(SaeRuntimeError):
     """An unknown model, SAE, label or hook site was named."""
@@ -45,6 +53,12 @@ class DeadlineExceeded(SaeRuntimeError):
     """The request could not finish before its deadline."""
 
     status = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(SaeRuntimeError):
+    """A model (its replica or engine process) cannot take requests right now."""
+
+    status = "UNAVAILABLE"
 
 
 class FormatError(SaeRuntimeError):

@@ -187,11 +187,13 @@ class LimitsEntry(_Strict):
 class EngineEntry(_Strict):
     """The replica's engine (sae_runtime.engine): text rows decoding at once, prompt + decode tokens
     per step, reserved KV tokens; image models run request-level batches of up to
-    ``max_running_rows`` requests."""
+    ``max_running_rows`` requests. ``separate_process``: a text model's engine steps in a child
+    process of the replica (its own interpreter lock; a second copy of the weights)."""
 
     max_running_rows: int = Field(EngineConfig.max_running_rows, ge=1, le=256)
     max_tokens_per_step: int = Field(EngineConfig.max_tokens_per_step, ge=1)
     max_kv_tokens: int = Field(EngineConfig.max_kv_tokens, ge=1)
+    separate_process: bool = EngineConfig.separate_process
 
 
 class ResourcesEntry(_Strict):

@@ -31,7 +31,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from sae_runtime.errors import SaeRuntimeError
+from sae_runtime.errors import SaeRuntimeError, Unavailable  # noqa: F401 - Unavailable: services raise it too
 
 #: How the details of a RESOURCE_EXHAUSTED status from back-pressure start (HTTP tells it from a
 #: request over a configured limit: 429 against 413).
@@ -42,12 +42,6 @@ class Unauthenticated(SaeRuntimeError):
     """The service requires a bearer token and the request had none, or a wrong one."""
 
     status = "UNAUTHENTICATED"
-
-
-class Unavailable(SaeRuntimeError):
-    """A model deployment cannot take requests right now."""
-
-    status = "UNAVAILABLE"
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -29,6 +29,7 @@ from steering.v1 import steering_pb2 as pb
 
 from sae_runtime.errors import InvalidArgument, NotFound
 from services.errors import Unauthenticated, set_error
+from services.local_models import LocalHandle
 from services.metrics import ingress_metrics
 
 #: Health service names this ingress answers for ("" = the whole server).
@@ -78,6 +79,14 @@ class SteeringIngress:
         self._metrics = ingress_metrics()
         self._model_infos: dict[str, pb.ModelInfo] = {}
         self._http_options = http or {}
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: fails when a model colocated here cannot serve (its
+        engine process died), so Serve restarts this replica. Models in deployments of their own
+        are checked by Serve in their own replicas."""
+        for handle in self._models.values():
+            if isinstance(handle, LocalHandle):
+                handle.check_health()
 
     def __serve_build_asgi_app__(self) -> Any:
         """The HTTP API's app around this replica (Ray Serve calls it after ``__init__``)."""

@@ -23,6 +23,10 @@ class LocalHandle:
         self._server = server
         self._stream = stream
 
+    def check_health(self) -> None:
+        """The model's health check, run by the ingress' own (a colocated model has no replica)."""
+        self._server.check_health()
+
     def options(self, *, stream: bool = False, **_ignored: Any) -> "LocalHandle":
         """``stream`` as DeploymentHandle.options has it; transport options do not apply here."""
         return LocalHandle(self._server, stream)

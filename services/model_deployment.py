@@ -10,7 +10,9 @@ from the engine thread into this replica's event loop as they are produced. A cl
 away cancels its request, which leaves at the next step boundary. Image models run request-level
 batches (:class:`sae_runtime.engine.images.ImageBatches`) on the same queue discipline. Encode,
 EvaluateSae and ComputeSteeringVector run on the engine's thread between steps (the engine's
-hooks share the model's modules).
+hooks share the model's modules). With ``engine.separate_process`` a text model's generation
+steps in a child process instead (:class:`sae_runtime.engine.process.EngineProcess`); this
+replica's backend still validates every request and runs those other calls on its engine thread.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from sae_runtime.backends.registry import build_backend, demo_spec
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.engine import StepStats
 from sae_runtime.engine.images import ImageBatches, ImageRun
-from sae_runtime.errors import InvalidArgument, SaeRuntimeError
+from sae_runtime.engine.process import EngineProcess
+from sae_runtime.errors import InvalidArgument, SaeRuntimeError, Unavailable
 from sae_runtime.versions import fingerprint
 from services import convert
 from services.metrics import model_metrics
@@ -61,19 +64,23 @@ class ModelServer:
         self.sae_names = tuple(s.name for s in self.info.saes)
         self.versions = self._versions()
         self._tags = {"model": spec.name}
+        self.generation: EngineProcess | None = None
         if self.info.kind in TEXT_KINDS:
             self.engine = self.backend.engine
-            self.engine.on_step = self._on_step
             self.loop = self.engine
+            if spec.engine.separate_process:
+                self.engine = self.generation = EngineProcess(spec, torch_threads)
+                self.generation.start()
+            self.engine.on_step = self._on_step
         else:
             self.images = ImageBatches(self.backend.generate_images, spec.engine.max_running_rows)
             self.loop = self.images
         self.loop.start()
 
     def __del__(self) -> None:
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
+        for running in (getattr(self, "loop", None), getattr(self, "generation", None)):
+            if running is not None:
+                running.stop()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _versions(self) -> pb.Versions:
@@ -254,7 +261,12 @@ class ModelServer:
         return pb.SearchFeaturesResponse(features=[convert.feature_to_proto(f) for f in found])
 
     def ready(self) -> bool:
-        return True
+        return self.generation is None or self.generation.alive
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a replica whose engine process died is restarted."""
+        if not self.ready():
+            raise Unavailable(f"the engine process of {self.spec.name!r} is gone")
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:

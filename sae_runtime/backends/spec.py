@@ -59,11 +59,14 @@ class EngineConfig:
     ``max_tokens_per_step``: prompt tokens prefilled plus rows decoded in one step; a step with
     nothing running admits at least one request whatever its length.
     ``max_kv_tokens``: reserved KV positions (prompt + max_new_tokens per row) over running rows.
+    ``separate_process``: a text engine steps in a child process of the replica, with its own
+    interpreter lock and its own copy of the weights (:mod:`sae_runtime.engine.process`).
     """
 
     max_running_rows: int = 16
     max_tokens_per_step: int = 2048
     max_kv_tokens: int = 65536
+    separate_process: bool = False
 
     def __post_init__(self) -> None:
         from sae_runtime.errors import InvalidArgument

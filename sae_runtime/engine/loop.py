@@ -103,6 +103,12 @@ class StepLoop:
             self._thread = None
 
     @property
+    def busy(self) -> bool:
+        """Something to do: arrivals, calls, waiting or running work."""
+        with self._lock:
+            return bool(self._incoming or self._calls or self._busy())
+
+    @property
     def threaded(self) -> bool:
         return self._thread is not None
 

@@ -30,6 +30,7 @@ A conditional edit (``LatentEdit.condition``) is the same layer masked per posit
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -93,11 +94,7 @@ def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, S
     for name, rows in per_sae.items():
         union = sorted({lat for row in rows for lat, *_ in row})
         col = {lat: j for j, lat in enumerate(union)}
-        depth = [[0] * len(union) for _ in range(n_rows)]
-        for r, row in enumerate(rows):
-            for lat, *_ in row:
-                depth[r][col[lat]] += 1
-        k = max((d for row in depth for d in row), default=1)
+        k = max(Counter((r, lat) for r, row in enumerate(rows) for lat, *_ in row).values(), default=1)
         u = len(union)
         # Entries are collected as (layer, row, column) -> value and written with one indexed
         # assignment per tensor: writing entry by entry costs microseconds each, and an engine

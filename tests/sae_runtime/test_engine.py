@@ -27,7 +27,8 @@ D_MODEL, D_SAE = 32, 64
 PROMPTS = ("the cat is red and the dog", "a bird", "where is the big house", "one two three four five six", "red")
 
 
-def _backend(root, family: str, engine: EngineConfig = EngineConfig()) -> CausalLmBackend:
+def tiny_spec(root, family: str, engine: EngineConfig = EngineConfig()) -> ModelSpec:
+    """A tiny ``family`` LM with one JumpReLU SAE, saved under ``root``, as a ModelSpec."""
     model_dir = build_tiny_causal_lm(root / family, family, seed=0, init_std=0.2)
     torch.manual_seed(1)
     sae = build_sae(SaeConfig("jumprelu", D_MODEL, D_SAE, hook_name="blocks.0.hook_resid_post"))
@@ -36,9 +37,12 @@ def _backend(root, family: str, engine: EngineConfig = EngineConfig()) -> Causal
             p.normal_(0.0, 0.3)
         sae.threshold.fill_(0.2)
     save_native(sae, root / f"{family}-sae")
-    spec = ModelSpec(name=family, kind="causal_lm", path=str(model_dir), saes=(SaeSpec("s", str(root / f"{family}-sae")),),
+    return ModelSpec(name=family, kind="causal_lm", path=str(model_dir), saes=(SaeSpec("s", str(root / f"{family}-sae")),),
                      limits=Limits(max_prompt_tokens=32, max_new_tokens=32), engine=engine)
-    return CausalLmBackend.from_spec(spec)
+
+
+def _backend(root, family: str, engine: EngineConfig = EngineConfig()) -> CausalLmBackend:
+    return CausalLmBackend.from_spec(tiny_spec(root, family, engine))
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -50,7 +54,7 @@ def _edit(op: EditOp, latents, value: float, tokens: TokenScope = TokenScope.ALL
     return InterventionPlan((LatentEdit("s", op, tuple(latents), value),), scope=Scope(tokens=tokens))
 
 
-def _requests() -> list[TextRequest]:
+def mixed_requests() -> list[TextRequest]:
     """Mixed requests: greedy and seeded sampling, with and without plans, every token scope,
     readouts with different top-k, an unsteered twin, log-probs."""
     return [
@@ -66,7 +70,7 @@ def _requests() -> list[TextRequest]:
     ]
 
 
-def _same(got, want) -> None:
+def same_result(got, want) -> None:
     for a, b in ((got.steered, want.steered), (got.default, want.default)):
         if b is None:
             assert a is None
@@ -83,7 +87,7 @@ def _same(got, want) -> None:
 
 
 def test_requests_joining_and_leaving_running_steps_equal_their_solo_runs(backend):
-    requests = _requests()
+    requests = mixed_requests()
     solo = [backend.generate([r])[0] for r in requests]
     engine = backend.engine
     runs, widths = [], []
@@ -100,12 +104,12 @@ def test_requests_joining_and_leaving_running_steps_equal_their_solo_runs(backen
     assert all(r.status is RequestStatus.FINISHED for r in runs)
     assert max(widths) >= 4 and len(set(widths)) > 2  # rows really joined and left mid-flight
     for run, want in zip(runs, solo):
-        _same(run.result, want)
+        same_result(run.result, want)
 
 
 def test_many_staggered_requests_share_steps_and_keep_their_solo_tokens(backend):
-    requests = [r for _ in range(3) for r in _requests()]
-    solo = [backend.generate([r])[0] for r in _requests()] * 3
+    requests = [r for _ in range(3) for r in mixed_requests()]
+    solo = [backend.generate([r])[0] for r in mixed_requests()] * 3
     engine = backend.engine
     runs = []
     for i, r in enumerate(requests):
@@ -114,7 +118,7 @@ def test_many_staggered_requests_share_steps_and_keep_their_solo_tokens(backend)
             engine.step()
     engine.wait(runs)
     for run, want in zip(runs, solo):
-        _same(run.result, want)
+        same_result(run.result, want)
 
 
 def test_a_cancelled_request_frees_its_slot_and_the_next_is_admitted_within_one_step(tmp_path):
@@ -192,12 +196,12 @@ def test_a_failure_while_admitting_ends_the_request_and_frees_its_slots(tmp_path
     assert all(r.status is RequestStatus.FAILED and isinstance(r.error, RuntimeError) for r in runs)
     assert sorted(engine._free) == free and engine.running_rows == 0 and not engine.scheduler.waiting
     got = backend.generate([TextRequest(prompt=PROMPTS[0], plan=_edit(EditOp.SET, (3,), 2.0))])[0]
-    _same(got, want)
+    same_result(got, want)
 
 
 def test_the_threaded_engine_serves_concurrent_callers(tmp_path):
     backend = _backend(tmp_path, "llama")
-    requests = _requests()
+    requests = mixed_requests()
     solo = [backend.generate([r])[0] for r in requests]
     backend.engine.start()
     try:
@@ -215,9 +219,9 @@ def test_the_threaded_engine_serves_concurrent_callers(tmp_path):
     finally:
         backend.engine.stop()
     for i, want in enumerate(solo):
-        _same(results[i], want)
+        same_result(results[i], want)
     assert tuple(e.token for e in streamed[:-1]) == streamed[-1].result.steered.tokens
-    _same(streamed[-1].result, solo[2])
+    same_result(streamed[-1].result, solo[2])
 
 
 def _hooks_on(model) -> int:

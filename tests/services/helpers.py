@@ -54,6 +54,40 @@ def free_port() -> int:
 HTTP_MAX_BODY_BYTES = 1 << 20
 
 
+@contextmanager
+def second_application(service, config: dict, timeout_s: float = 120):
+    """Serve ``config`` (its ``app_name``, a parsed service config) as another application on the
+    session's Serve, on route ``/<app_name>``; yields the gRPC metadata that routes a call to it
+    once its health check says SERVING, and deletes the application after."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    from services.app import build_application
+    from services.config import parse_config
+
+    name = config["app_name"]
+    serve.run(build_application(parse_config(config), service.artifacts), name=name, route_prefix=f"/{name}", blocking=False)
+    metadata = (("application", name),)
+    try:
+        with grpc.insecure_channel(service.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.time() + timeout_s
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.time() < deadline, f"the application {name!r} did not come up"
+                time.sleep(0.5)
+        yield metadata
+    finally:
+        serve.delete(name, _blocking=True)
+
+
 def service_config(grpc_port: int, http_port: int = 8000) -> dict:
     small = {"num_cpus": 0.1, "torch_threads": 1}
     return {

@@ -8,12 +8,11 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc
 
 from services.client import Generation, SteeringClient, edit, plan
-from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_SAE, free_port, service_config
+from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_SAE, free_port, second_application, service_config
 from tests.services.test_errors_and_batching import same_result
 
 COLOCATED_APP = "colocated"
@@ -34,29 +33,8 @@ def colocated_config(models: tuple[str, ...] = (LM, IMAGE)) -> dict:
 def colocated(service):
     """Metadata that routes a call to a second application on the session's Serve: ``lm`` and
     ``img`` of the session's config, colocated in that application's ingress."""
-    from ray import serve
-
-    from services.app import build_application
-    from services.config import parse_config
-
-    app = build_application(parse_config(colocated_config()), service.artifacts)
-    serve.run(app, name=COLOCATED_APP, route_prefix=f"/{COLOCATED_APP}", blocking=False)
-    metadata = (("application", COLOCATED_APP),)
-    try:
-        with grpc.insecure_channel(service.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.time() + TIMEOUT_S
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.time() < deadline, "the colocated application did not come up"
-                time.sleep(0.5)
+    with second_application(service, colocated_config()) as metadata:
         yield metadata
-    finally:
-        serve.delete(COLOCATED_APP, _blocking=True)
 
 
 @pytest.fixture(scope="module")

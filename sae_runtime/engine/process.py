@@ -1,0 +1,220 @@
+"""The text engine in a child process of its own (``engine.separate_process``).
+
+In the replica, the engine's steps share one interpreter lock with everything else the replica
+runs in Python: Ray Serve's request handling, gRPC, our validation and proto conversion. PyTorch
+releases that lock at every operator and takes it back after, so each request handled while a
+step runs stalls the step. Measured on 2 cores at concurrency 16 (README, "Engine"), a decode
+step of about 15 rows took about 6 ms in the replica and 2.8 ms in a process of its own. vLLM's V1
+engine core runs in its own process for the same reason.
+
+:class:`EngineProcess` keeps the replica's side of the engine's interface (``submit``, ``cancel``,
+``on_step``, ``start``, ``stop``) and runs a :class:`~.engine.TextEngine` in a child interpreter that
+loads the same :class:`~sae_runtime.backends.spec.ModelSpec`. The replica still validates
+requests (tokens, resolved plans) with its own backend, which also serves the calls that are not
+generation (Encode, EvaluateSae, ...). The child gets validated requests over a pipe, steps
+whenever it has work, and sends each step's events (token events of streamed requests, final
+results, errors) and its :class:`~.engine.StepStats` back in one message per step.
+
+The child holds a second copy of the weights, so this mode is for models that are small next to
+the machine's memory. If the child dies, every request it held fails with
+:class:`~sae_runtime.errors.Unavailable` and so does every later request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sae_runtime.backends.spec import ModelSpec
+from sae_runtime.backends.types import StreamEvent
+from sae_runtime.engine.request import PreparedText
+from sae_runtime.errors import Unavailable
+
+
+@dataclass
+class RemoteRun:
+    """The replica's handle on a request running in the child: its event sink and end."""
+
+    id: int
+    on_event: Callable[[StreamEvent], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: StreamEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a consumer gone away must not stop the reader
+                self.on_event = None
+
+
+class EngineProcess:
+    """A :class:`~.engine.TextEngine` for ``spec`` in a spawned child process.
+
+    ``config``: the engine's knobs, checked here so that a request too large for the engine fails
+    at submission as it does in-process. ``torch_threads``: the child's torch thread count."""
+
+    def __init__(self, spec: ModelSpec, torch_threads: int | None = None, *, start_timeout_s: float = 600.0) -> None:
+        self.config = spec.engine
+        # A fresh interpreter (not fork: the replica's threads hold locks; not multiprocessing's
+        # spawn: it re-imports the replica's __main__), joined by a socket pair.
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "sae_runtime.engine.process", str(theirs.fileno())],
+                                      pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((spec, torch_threads))
+        if not self._conn.poll(start_timeout_s):
+            self._proc.kill()
+            raise Unavailable(f"the engine process for {spec.name!r} did not start within {start_timeout_s:.0f} s")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            kind, payload = "error", Unavailable(f"the engine process for {spec.name!r} exited at start "
+                                                 f"(code {self._proc.wait()})")
+        if kind != "ready":
+            self._proc.wait(10)
+            raise payload
+        self._ids = itertools.count()
+        self._runs: dict[int, RemoteRun] = {}
+        self._lock = threading.Lock()  # _runs, _dead and the pipe's sending end
+        self._dead: BaseException | None = None
+        self._reader: threading.Thread | None = None
+        self.on_step: Callable[[Any], None] | None = None
+
+    # -- the replica's side ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+            self._reader.start()
+
+    def submit(self, prepared: PreparedText, on_event: Callable[[StreamEvent], None] | None = None, *,
+               stream: bool = False, deadline: float | None = None) -> RemoteRun:
+        """As :meth:`TextEngine.submit`; ``on_event`` is called from the reader thread."""
+        self.config.check_fits(prepared.n_sequences, prepared.reserved_tokens, "sampling.max_new_tokens")
+        with self._lock:
+            if self._dead is not None:
+                raise Unavailable(f"the engine process is gone: {self._dead}")
+            run = RemoteRun(next(self._ids), on_event)
+            self._runs[run.id] = run
+            self._conn.send(("submit", run.id, prepared, stream, deadline, time.monotonic()))
+        return run
+
+    def cancel(self, run: RemoteRun) -> None:
+        """Ask ``run`` to leave; it ends CANCELLED at the child's next step boundary."""
+        with self._lock:
+            if self._dead is None and run.id in self._runs:
+                self._conn.send(("cancel", run.id))
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self._conn.send(("stop",))
+                except OSError:
+                    pass
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._proc.poll() is None
+
+    def _read(self) -> None:
+        """Deliver the child's events until it stops (then fail whatever it still held)."""
+        try:
+            while True:
+                kind, *payload = self._conn.recv()
+                if kind == "stopped":
+                    return self._fail_all(Unavailable("the engine process stopped"))
+                events, stats = payload
+                for run_id, event in events:
+                    with self._lock:
+                        run = self._runs.get(run_id)
+                        if run is not None and (event.result is not None or event.error is not None):
+                            del self._runs[run_id]
+                    if run is None:
+                        continue
+                    run.emit(event)
+                    if event.result is not None or event.error is not None:
+                        run.done.set()
+                if self.on_step is not None:
+                    for s in stats:
+                        self.on_step(s)
+        except (EOFError, OSError) as err:
+            self._fail_all(Unavailable(f"the engine process exited (code {self._proc.poll()}): {err!r}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            self._dead = error
+            runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            run.emit(StreamEvent(token=None, error=error))
+            run.done.set()
+
+
+# -- the child -------------------------------------------------------------------------------------
+def _child_main(conn: Connection) -> None:
+    """Load the spec the replica sends first, then step its engine whenever there is work, until
+    told to stop or the replica's end of the socket closes."""
+    try:
+        spec, torch_threads = conn.recv()
+        import torch
+
+        from sae_runtime.backends.registry import build_backend
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        engine = build_backend(spec).engine
+    except BaseException as err:  # noqa: BLE001 - reported to the replica, which raises it
+        conn.send(("error", err))
+        return
+    out: list[tuple[int, StreamEvent]] = []
+    stats: list[Any] = []
+    engine.on_step = stats.append
+    runs: dict[int, Any] = {}
+    conn.send(("ready", None))
+    try:
+        while True:
+            if not engine.busy:
+                conn.poll(None)  # idle: block until the replica sends something
+            while conn.poll(0):
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    conn.send(("stopped",))
+                    return
+                if msg[0] == "cancel":
+                    if msg[1] in runs:
+                        engine.cancel(runs[msg[1]])
+                    continue
+                _, run_id, prepared, stream, deadline, submitted = msg
+                run = engine.submit(prepared, lambda e, rid=run_id: out.append((rid, e)), stream=stream, deadline=deadline)
+                run.submitted = submitted  # the replica's clock: queue time includes the pipe
+                runs[run_id] = run
+            engine.step()
+            for run_id, event in out:
+                if event.result is not None or event.error is not None:
+                    runs.pop(run_id, None)
+            if out or stats:
+                conn.send(("events", out, stats))
+                out.clear()
+                stats.clear()
+    except (EOFError, OSError, BrokenPipeError):
+        return  # the replica is gone
+
+
+__all__ = ["EngineProcess", "RemoteRun"]
+
+if __name__ == "__main__":
+    _child_main(Connection(int(sys.argv[1])))
