@@ -182,6 +182,9 @@ class EditGroup:
     #: plus one (0 = unconditional); None when no entry of these rows has a condition.
     cond: Tensor | None = None
     conditions: tuple[Condition, ...] = ()
+    #: With ``mul_zero``: f' itself, (R, 1, U) (or a 0-d zero for ablations only), made once
+    #: here rather than indexed out of ``add`` on every forward.
+    set_to: Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -229,6 +232,8 @@ def make_group(
         cond=cond,
         conditions=conditions,
     )
+    if group.mul_zero:
+        group.set_to = group.add[0] if group.add is not None else torch.zeros((), dtype=dtype, device=device)
     group.lean = (
         group.all_rows and not replace and encoder is not None and group.add_norm is None
         and sae.cfg.normalize_activations in ("none", "expected_average_only_in") and cond is None
@@ -243,9 +248,9 @@ def apply_ops(group: EditGroup, f: Tensor, x_norm: Tensor | None, masks: Tensor 
 
     The result broadcasts against f (it may be (R, 1, U) or a scalar when it does not depend on f).
     """
-    if group.mul_zero:
+    if group.set_to is not None:
         # set / ablate only (no add_norm, no cap): f' = add, broadcast over positions.
-        return group.add[0] if group.add is not None else torch.zeros((), dtype=f.dtype, device=f.device)
+        return group.set_to
     for k in range(group.mul.shape[0] if group.mul is not None else _layers(group)):
         prev = f
         if group.mul is not None:

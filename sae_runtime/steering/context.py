@@ -299,20 +299,20 @@ class SteeringContext:
                    codes: Tensor | None = None) -> Tensor | None:
         """x after ``name``'s latent edits (None: unchanged); records its readout. ``codes``: the
         SAE's encoding of this very x when already computed (``sae.encode(x)``)."""
-        sae = self.saes[name].sae
         groups = self._groups_for(site, name, x.shape[0]) if name in self.compiled else []
         read = name in self._read
         if not groups and not read:
             return None
-        if (not read and len(groups) == 1 and groups[0].lean and site.is_text and self.fwd.valid is None
+        if (not read and len(groups) == 1 and groups[0].lean and self.fwd.valid is None and site.is_text
                 and x.dtype == groups[0].decoder_rows.dtype):
             # Decode-step fast path (same maths as below, fewest ops): every row edited, every
             # position in scope, error term kept, no input normalisation, restricted encoder.
             g = groups[0]
             f_u = g.encoder.encode_normalized(x)  # type: ignore[union-attr]
-            f_new = apply_ops(g, f_u, None)
+            f_new = g.set_to if g.set_to is not None else apply_ops(g, f_u, None)
             df = (f_new - f_u).reshape(-1, f_u.shape[-1])
             return torch.addmm(x.reshape(-1, x.shape[-1]), df, g.decoder_rows).view(x.shape)
+        sae = self.saes[name].sae
         xs = x if x.dtype == sae.W_dec.dtype else x.to(sae.W_dec.dtype)
         f_full = f_after = None
         if read:
