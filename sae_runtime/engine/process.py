@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -71,12 +72,12 @@ class EngineProcess:
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send((spec, torch_threads))
+        _send(self._conn, (spec, torch_threads))
         if not self._conn.poll(start_timeout_s):
             self._proc.kill()
             raise Unavailable(f"the engine process for {spec.name!r} did not start within {start_timeout_s:.0f} s")
         try:
-            kind, payload = self._conn.recv()
+            kind, payload = _recv(self._conn)
         except EOFError:
             kind, payload = "error", Unavailable(f"the engine process for {spec.name!r} exited at start "
                                                  f"(code {self._proc.wait()})")
@@ -85,7 +86,10 @@ class EngineProcess:
             raise payload
         self._ids = itertools.count()
         self._runs: dict[int, RemoteRun] = {}
-        self._lock = threading.Lock()  # _runs, _dead and the pipe's sending end
+        # Two locks: a sender blocked on a full socket must never hold the one the reader needs,
+        # or the reader stops draining the child, which then never reads (a deadlock).
+        self._lock = threading.Lock()  # _runs and _dead
+        self._send_lock = threading.Lock()  # the socket's sending end
         self._dead: BaseException | None = None
         self._reader: threading.Thread | None = None
         self.on_step: Callable[[Any], None] | None = None
@@ -104,23 +108,38 @@ class EngineProcess:
             if self._dead is not None:
                 raise Unavailable(f"the engine process is gone: {self._dead}")
             run = RemoteRun(next(self._ids), on_event)
-            self._runs[run.id] = run
-            self._conn.send(("submit", run.id, prepared, stream, deadline, time.monotonic()))
+            self._runs[run.id] = run  # before sending: its events may come back at once
+        try:
+            self._post(("submit", run.id, prepared, stream, deadline, time.monotonic()))
+        except Unavailable:
+            with self._lock:
+                self._runs.pop(run.id, None)
+            raise
         return run
 
     def cancel(self, run: RemoteRun) -> None:
         """Ask ``run`` to leave; it ends CANCELLED at the child's next step boundary."""
         with self._lock:
-            if self._dead is None and run.id in self._runs:
-                self._conn.send(("cancel", run.id))
+            pending = self._dead is None and run.id in self._runs
+        if pending:
+            try:
+                self._post(("cancel", run.id))
+            except Unavailable:
+                pass  # the reader fails the run
+
+    def _post(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                _send(self._conn, message)
+        except OSError as err:
+            raise Unavailable(f"the engine process is gone: {err!r}") from err
 
     def stop(self) -> None:
-        with self._lock:
-            if self._dead is None:
-                try:
-                    self._conn.send(("stop",))
-                except OSError:
-                    pass
+        if self._dead is None:
+            try:
+                self._post(("stop",))
+            except Unavailable:
+                pass
         try:
             self._proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -135,7 +154,7 @@ class EngineProcess:
         """Deliver the child's events until it stops (then fail whatever it still held)."""
         try:
             while True:
-                kind, *payload = self._conn.recv()
+                kind, *payload = _recv(self._conn)
                 if kind == "stopped":
                     return self._fail_all(Unavailable("the engine process stopped"))
                 events, stats = payload
@@ -164,12 +183,24 @@ class EngineProcess:
             run.done.set()
 
 
+# -- the wire ----------------------------------------------------------------------------------------
+def _send(conn: Connection, message: Any) -> None:
+    # Plain pickle, not Connection.send's ForkingPickler: torch registers reductions with that
+    # pickler that pass tensors through shared memory and multiprocessing's authenticated
+    # resource sharer, which a child not started by multiprocessing cannot reach.
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 # -- the child -------------------------------------------------------------------------------------
 def _child_main(conn: Connection) -> None:
     """Load the spec the replica sends first, then step its engine whenever there is work, until
     told to stop or the replica's end of the socket closes."""
     try:
-        spec, torch_threads = conn.recv()
+        spec, torch_threads = _recv(conn)
         import torch
 
         from sae_runtime.backends.registry import build_backend
@@ -178,21 +209,21 @@ def _child_main(conn: Connection) -> None:
             torch.set_num_threads(torch_threads)
         engine = build_backend(spec).engine
     except BaseException as err:  # noqa: BLE001 - reported to the replica, which raises it
-        conn.send(("error", err))
+        _send(conn, ("error", err))
         return
     out: list[tuple[int, StreamEvent]] = []
     stats: list[Any] = []
     engine.on_step = stats.append
     runs: dict[int, Any] = {}
-    conn.send(("ready", None))
+    _send(conn, ("ready", None))
     try:
         while True:
             if not engine.busy:
                 conn.poll(None)  # idle: block until the replica sends something
             while conn.poll(0):
-                msg = conn.recv()
+                msg = _recv(conn)
                 if msg[0] == "stop":
-                    conn.send(("stopped",))
+                    _send(conn, ("stopped",))
                     return
                 if msg[0] == "cancel":
                     if msg[1] in runs:
@@ -207,7 +238,7 @@ def _child_main(conn: Connection) -> None:
                 if event.result is not None or event.error is not None:
                     runs.pop(run_id, None)
             if out or stats:
-                conn.send(("events", out, stats))
+                _send(conn, ("events", out, stats))
                 out.clear()
                 stats.clear()
     except (EOFError, OSError, BrokenPipeError):

@@ -19,6 +19,7 @@ from sae_runtime.backends.spec import EngineConfig
 from sae_runtime.backends.types import SamplingParams, TextRequest
 from sae_runtime.engine.process import EngineProcess
 from sae_runtime.errors import Cancelled, InvalidArgument, TooLarge, Unavailable
+from sae_runtime.plan import ReadoutSpec
 from tests.sae_runtime.test_engine import PROMPTS, mixed_requests, same_result, tiny_spec
 
 
@@ -85,6 +86,35 @@ def test_concurrent_callers_from_many_threads_each_get_their_own_result(engine, 
         t.join()
     for i, w in enumerate(want):
         same_result(got[i], w)
+
+
+def test_requests_carrying_tensors_and_large_results_cross_the_socket(engine, backend):
+    """Requests of several MB of tensor (a stand-in for LLaVA pixel values: the text engine ignores
+    them) go in while results holding every latent of every position come out, from 16 threads.
+    Tensors must travel by plain pickle: torch's multiprocessing reductions would hand them over
+    through shared memory and an authenticated resource sharer the child cannot reach."""
+    import torch
+
+    big = replace(backend.validate(TextRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_new_tokens=2))),
+                  pixel_values=torch.zeros(1, 3, 640, 640))  # 4.9 MB pickled
+    wide = TextRequest(prompt=PROMPTS[3], readout=ReadoutSpec(("s",), 64), sampling=SamplingParams(max_new_tokens=30))
+    want = backend.generate([wide])[0]
+    results: list = []
+
+    def send(prepared) -> None:
+        run, events = _collect(engine, prepared)
+        assert run.done.wait(120), "a request never ended: the pipe stalled"
+        results.append(events[-1])
+
+    threads = [threading.Thread(target=send, args=(big if i % 2 else backend.validate(wide),)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert len(results) == 16 and all(e.error is None for e in results)
+    for e in results:
+        if len(e.result.steered.tokens) > 2:
+            same_result(e.result, want)
 
 
 def test_a_cancelled_request_ends_cancelled_and_the_engine_goes_on(engine, backend):

@@ -281,3 +281,32 @@ def test_variants_with_vision_edits_equal_each_plan_sent_alone(backend):
     assert [t.id for t in res.steered.tokens] == [t.id for t in solo[0].steered.tokens]
     assert [[t.id for t in v.completion.tokens] for v in res.variants] == [[t.id for t in s.steered.tokens] for s in solo[1:]]
     assert [t.id for t in solo[0].steered.tokens] != [t.id for t in solo[2].steered.tokens]  # the vision clamp matters
+
+
+def test_llava_rows_run_in_an_engine_process_equal_the_in_process_engine(backend, model_dir):
+    """engine.separate_process for LLaVA: the image's pixel values cross to the child with the
+    validated request, and a vision clamp there gives the in-process engine's tokens."""
+    from sae_runtime.backends.spec import EngineConfig
+    from sae_runtime.engine.process import EngineProcess
+
+    path, saes = model_dir
+    spec = ModelSpec(name="tiny-llava", kind="llava", path=str(path), saes=saes,
+                     limits=Limits(max_image_bytes=10_000, max_image_side=64), engine=EngineConfig(separate_process=True))
+    plan = InterventionPlan(edits=(LatentEdit(sae="vis", op=EditOp.SET, latents=(2,), value=40.0),))
+    requests = [TextRequest(prompt="what is this", image=png(5), sampling=greedy(5), plan=plan, include_default=True),
+                TextRequest(prompt="the cat is", sampling=greedy(4))]
+    prepared = [backend.validate(r) for r in requests]
+    want = backend.generate(prepared)
+    proc = EngineProcess(spec, torch_threads=1)
+    proc.start()
+    try:
+        finals: dict[int, object] = {}
+        runs = [proc.submit(p, lambda e, i=i: finals.__setitem__(i, e)) for i, p in enumerate(prepared)]
+        assert all(r.done.wait(60) for r in runs)
+        for i, w in enumerate(want):
+            got = finals[i].result
+            assert [t.id for t in got.steered.tokens] == [t.id for t in w.steered.tokens]
+        assert [t.id for t in finals[0].result.default.tokens] == [t.id for t in want[0].default.tokens]
+        assert [t.id for t in want[0].steered.tokens] != [t.id for t in want[0].default.tokens]  # the clamp steers
+    finally:
+        proc.stop()
