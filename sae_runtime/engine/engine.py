@@ -321,10 +321,10 @@ class TextEngine(StepLoop):
                 for tok in self.results.live_tokens(run, run.sent, ready):
                     run.emit(StreamEvent(token=tok, risk=risk))
                 run.sent = ready
-        for run in list(self._running):
-            if all(s.finished for s in run.sequences):
-                run.result = self.results.final(run, now)
-                self._end(run, RequestStatus.FINISHED, None)
+        finished = [run for run in self._running if all(s.finished for s in run.sequences)]
+        for run, result in zip(finished, self.results.finals(finished, now)):
+            run.result = result
+            self._end(run, RequestStatus.FINISHED, None)
         return ttft, itl
 
     def _end(self, run: RequestRun, status: RequestStatus, error: BaseException | None) -> None:

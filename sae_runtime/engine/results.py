@@ -47,33 +47,42 @@ class ResultBuilder:
             out.append(GeneratedToken(id=rec.id, text=rec.text, logprob=rec.logprob, top_logprobs=rec.top_logprobs, latents=latents))
         return out
 
-    def final(self, run: RequestRun, now: float) -> TextResult:
-        """The result of ``run``, which ends at ``now`` (``time.perf_counter()``): its readouts are finished here."""
+    def finals(self, runs: Sequence[RequestRun], now: float) -> list[TextResult]:
+        """The results of ``runs``, which end at ``now`` (``time.monotonic()``): their readouts are
+        finished here, and the risk probe scores them all in one pass per head."""
+        readouts = [[self.readouts.finish(s.slot) for s in run.sequences] for run in runs]
+        prompt: list = [None] * len(runs)
+        final: list = [None] * len(runs)
+        variant: dict[tuple[int, int], Any] = {}
+        if self.risk_probe is not None and runs:
+            def pools(readout: Mapping[str, Any], with_generated: bool) -> Any:
+                return risk_pools(readout, self.probe_saes, self.d_sae, with_generated=with_generated)
+
+            n = len(runs)
+            variant_keys = [(i, j) for i, run in enumerate(runs) for j, seq in enumerate(run.sequences) if seq.variant >= 0]
+            prompt = self.risk_probe.score_many([pools(r[0], False) for r in readouts], "prompt")
+            scored = self.risk_probe.score_many([pools(r[0], True) for r in readouts]
+                                                + [pools(readouts[i][j], True) for i, j in variant_keys], "final")
+            final, variant = scored[:n], dict(zip(variant_keys, scored[n:]))
+        return [self._result(run, readouts[i], prompt[i], final[i], {j: variant.get((i, j)) for j in range(len(run.sequences))}, now)
+                for i, run in enumerate(runs)]
+
+    def _result(self, run: RequestRun, readouts: list[Mapping[str, Any]], risk_prompt: Any, risk_final: Any,
+                variant_risks: Mapping[int, Any], now: float) -> TextResult:
         req = run.prepared.request
-        readouts = [self.readouts.finish(s.slot) for s in run.sequences]
         steered = readouts[0]
         names = list(req.readout.saes) if req.readout else []
         text_names = [n for n in names if n not in self.vision_saes]
         vision_names = [n for n in names if n in self.vision_saes]
         top_k = req.readout.top_k if req.readout else 1
-        risk_prompt = risk_final = None
-        if self.risk_probe is not None:
-            risk_prompt = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=False)], "prompt")[0]
-            risk_final = self.risk_probe.score_many([risk_pools(steered, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
         completions = []
         for seq, readout in zip(run.sequences, readouts):
             tokens = self._completion_tokens(run, seq, readout, text_names, top_k)
             completions.append(Completion(text=seq.text.text, tokens=tokens, finish_reason=seq.text.finish_reason or "length",
                                           stopped_by=seq.stopped_by))
         default = next((c for s, c in zip(run.sequences, completions) if s.default), None)
-        variants = []
-        for seq, readout, completion in zip(run.sequences, readouts, completions):
-            if seq.variant < 0:
-                continue
-            risk = None
-            if self.risk_probe is not None:
-                risk = self.risk_probe.score_many([risk_pools(readout, self.probe_saes, self.d_sae, with_generated=True)], "final")[0]
-            variants.append(VariantResult(completion=completion, risk_final=risk, plan=seq.plan))
+        variants = [VariantResult(completion=completion, risk_final=variant_risks.get(j), plan=seq.plan)
+                    for j, (seq, completion) in enumerate(zip(run.sequences, completions)) if seq.variant >= 0]
         return TextResult(
             steered=completions[0],
             default=default,

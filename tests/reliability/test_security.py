@@ -108,12 +108,20 @@ def keyword(node: ast.Call, name: str):
     return None
 
 
+#: The one unpickling allowed: messages between a replica and the engine process it started itself
+#: (engine.separate_process), over a socket pair created before the child exists. No file, request
+#: or network bytes reach it (checked below); Ray pickles every message between its own processes alike.
+INTERNAL_CHANNEL = (Path("sae_runtime/engine/process.py"), "pickle.loads")
+
+
 def test_every_torch_load_passes_weights_only_true_and_nothing_else_unpickles():
-    torch_loads, problems = 0, []
+    torch_loads, problems, internal = 0, [], 0
     for path, node in calls_in_source():
         name = dotted(node.func)
         where = f"{path}:{node.lineno} {name}"
-        if name == "torch.load" or name.endswith(".load") and keyword(node, "weights_only") is not None:
+        if (path, name) == INTERNAL_CHANNEL:
+            internal += 1
+        elif name == "torch.load" or name.endswith(".load") and keyword(node, "weights_only") is not None:
             torch_loads += 1
             value = keyword(node, "weights_only")
             if not (isinstance(value, ast.Constant) and value.value is True):
@@ -132,7 +140,17 @@ def test_every_torch_load_passes_weights_only_true_and_nothing_else_unpickles():
         if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
             problems.append(f"{where} with trust_remote_code (runs code from model files)")
     assert torch_loads >= 1  # the scan does see the one .pt reader
+    assert internal == 1
     assert problems == []
+
+
+def test_the_engine_process_channel_reaches_only_the_child_it_started():
+    """The socket the engine process' messages are unpickled from is one end of a socket pair
+    whose other end goes only to the child (pass_fds); the module opens no other socket."""
+    tree = ast.parse((REPO / INTERNAL_CHANNEL[0]).read_text())
+    names = {dotted(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert "socket.socketpair" in names
+    assert not {n for n in names if n.split(".")[-1] in ("bind", "listen", "connect", "accept", "create_connection", "Listener", "Client")}
 
 
 class _Payload:
