@@ -37,7 +37,7 @@ from typing import Any, Callable
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.backends.types import StreamEvent
 from sae_runtime.engine.request import PreparedText
-from sae_runtime.errors import Unavailable
+from sae_runtime.errors import SaeRuntimeError, Unavailable
 
 
 @dataclass
@@ -173,6 +173,9 @@ class EngineProcess:
                         self.on_step(s)
         except (EOFError, OSError) as err:
             self._fail_all(Unavailable(f"the engine process exited (code {self._proc.poll()}): {err!r}"))
+        except Exception as err:  # noqa: BLE001 - a message that cannot be read: the channel is lost
+            self._fail_all(Unavailable(f"the engine process sent a message that could not be read: {err!r}"))
+            self._proc.kill()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
@@ -193,6 +196,18 @@ def _send(conn: Connection, message: Any) -> None:
 
 def _recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
+
+
+def _send_events(conn: Connection, events: list[tuple[int, StreamEvent]], stats: list[Any]) -> None:
+    """One step's events; an error that does not pickle (an exception of some library's own) goes
+    as a SaeRuntimeError naming it, so its request still fails with a message."""
+    try:
+        data = pickle.dumps(("events", events, stats), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - pickling can fail in many ways; the message must still go
+        events = [(rid, e if e.error is None else StreamEvent(token=None, error=SaeRuntimeError(f"{type(e.error).__name__}: {e.error}")))
+                  for rid, e in events]
+        data = pickle.dumps(("events", events, stats), protocol=pickle.HIGHEST_PROTOCOL)
+    conn.send_bytes(data)
 
 
 # -- the child -------------------------------------------------------------------------------------
@@ -230,7 +245,11 @@ def _child_main(conn: Connection) -> None:
                         engine.cancel(runs[msg[1]])
                     continue
                 _, run_id, prepared, stream, deadline, submitted = msg
-                run = engine.submit(prepared, lambda e, rid=run_id: out.append((rid, e)), stream=stream, deadline=deadline)
+                try:
+                    run = engine.submit(prepared, lambda e, rid=run_id: out.append((rid, e)), stream=stream, deadline=deadline)
+                except Exception as err:  # noqa: BLE001 - this request fails alone
+                    out.append((run_id, StreamEvent(token=None, error=err)))
+                    continue
                 run.submitted = submitted  # the replica's clock: queue time includes the pipe
                 runs[run_id] = run
             engine.step()
@@ -238,7 +257,7 @@ def _child_main(conn: Connection) -> None:
                 if event.result is not None or event.error is not None:
                     runs.pop(run_id, None)
             if out or stats:
-                _send(conn, ("events", out, stats))
+                _send_events(conn, out, stats)
                 out.clear()
                 stats.clear()
     except (EOFError, OSError, BrokenPipeError):

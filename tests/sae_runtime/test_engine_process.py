@@ -164,3 +164,35 @@ def test_a_spec_that_cannot_load_fails_the_start_with_the_childs_error(spec, tmp
     with pytest.raises(Exception) as info:
         EngineProcess(replace(spec, path=str(tmp_path / "missing")), torch_threads=1)
     assert "missing" in str(info.value)
+
+
+def test_a_request_the_child_cannot_start_fails_alone(engine, backend):
+    good = backend.validate(TextRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_new_tokens=3)))
+    broken = replace(good, seed="not a seed")  # type: ignore[arg-type] - fails in the child's engine.submit
+    run, events = _collect(engine, broken)
+    assert run.done.wait(60) and events[-1].error is not None and events[-1].result is None
+    after, events = _collect(engine, good)
+    assert after.done.wait(60)
+    same_result(events[-1].result, backend.generate([TextRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_new_tokens=3))])[0])
+
+
+def test_an_error_that_does_not_pickle_still_reaches_its_request():
+    import socket
+    from multiprocessing.connection import Connection
+
+    from sae_runtime.backends.types import StreamEvent
+    from sae_runtime.engine.process import _recv, _send_events
+    from sae_runtime.errors import SaeRuntimeError
+
+    class LibraryError(Exception):
+        def __init__(self) -> None:
+            super().__init__("a library's own failure")
+            self.callback = lambda: None  # lambdas do not pickle
+
+    a, b = socket.socketpair()
+    ours, theirs = Connection(a.detach()), Connection(b.detach())
+    _send_events(theirs, [(7, StreamEvent(token=None, error=LibraryError()))], [])
+    kind, events, stats = _recv(ours)
+    (run_id, event), = events
+    assert kind == "events" and run_id == 7 and stats == []
+    assert type(event.error) is SaeRuntimeError and "LibraryError: a library's own failure" in str(event.error)
