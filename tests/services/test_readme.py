@@ -25,6 +25,7 @@ def blocks(language: str) -> list[str]:
 def for_tests(text: str, target: str) -> str:
     """The demo's names -> the test service's (same label vocabulary: color:red exists in both)."""
     swaps = (("localhost:9000", target), ("demo-sdxl-turbo", IMAGE), ("demo-lm", LM), ('"concepts"', f'"{LM_SAE}"'),
+             ("--sae concepts", f"--sae {LM_SAE}"),
              ("--vector red=", f"--vector {LM_VECTOR}="), ("place:beach", "animal:cat"))
     for demo, test in swaps:
         text = text.replace(demo, test)
@@ -49,6 +50,22 @@ def test_the_cli_walk_through_runs(service, tmp_path, monkeypatch):
     for argv in calls:
         assert cli_main(["--target", service.target, *argv]) == 0, argv
     assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in tmp_path.iterdir())
+
+
+def test_walk_through_edits_by_label_name_their_sae_where_the_shipped_demo_has_several():
+    """The test service's LM has one SAE, so the CLI finds a label's SAE by itself there; the
+    shipped demo LM has several with the same labels (concepts, gsae, spade, neurons), where an
+    edit by label without --sae is a usage error."""
+    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    (lm,) = [m for m in demo["models"] if m["name"] == "demo-lm"]
+    assert len(lm["saes"]) > 1
+    prefix = ".venv/bin/python -m services.cli generate --model demo-lm "
+    commands = [line.split("#")[0].strip() for b in blocks("sh") for line in b.splitlines()]
+    by_label = [c for c in commands if c.startswith(prefix)
+                and re.search(r"--(set|add|scale|cap|ablate|describe|stop-when) '?[a-z]", c[len(prefix):])]
+    assert by_label, commands
+    for command in by_label:
+        assert "--sae " in command, command
 
 
 def test_the_config_example_parses():
