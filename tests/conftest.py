@@ -77,6 +77,16 @@ def service(artifacts) -> Service:
 
 
 @pytest.fixture(scope="session")
+def stub(service):
+    """A raw grpcio stub of the Steering service on one channel to the session's service."""
+    import grpc
+    from steering.v1 import steering_pb2_grpc
+
+    with grpc.insecure_channel(service.target) as channel:
+        yield steering_pb2_grpc.SteeringStub(channel)
+
+
+@pytest.fixture(scope="session")
 def client(service):
     from services.client import SteeringClient
 

@@ -36,24 +36,17 @@ from typing import Any, Callable
 
 from sae_runtime.backends.spec import ModelSpec
 from sae_runtime.backends.types import StreamEvent
-from sae_runtime.engine.request import PreparedText
+from sae_runtime.engine.request import EventSink, PreparedText
 from sae_runtime.errors import SaeRuntimeError, Unavailable
 
 
 @dataclass
-class RemoteRun:
+class RemoteRun(EventSink):
     """The replica's handle on a request running in the child: its event sink and end."""
 
     id: int
     on_event: Callable[[StreamEvent], None] | None
     done: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, event: StreamEvent) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:  # noqa: BLE001 - a consumer gone away must not stop the reader
-                self.on_event = None
 
 
 class EngineProcess:

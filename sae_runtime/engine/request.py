@@ -94,8 +94,21 @@ class SequenceRun:
         return len(self.text.records) > self.n_fed and (not self.text.done or self.reads)
 
 
+class EventSink:
+    """Delivers a request's events to its ``on_event`` callback (an attribute of the subclass)."""
+
+    on_event: Callable[[StreamEvent], None] | None
+
+    def emit(self, event: StreamEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a consumer gone away must not stop the engine
+                self.on_event = None
+
+
 @dataclass
-class RequestRun:
+class RequestRun(EventSink):
     """A request inside the engine: its sequences, status, timestamps and event sink."""
 
     id: int
@@ -123,12 +136,6 @@ class RequestRun:
     def steered(self) -> SequenceRun:
         return self.sequences[0]
 
-    def emit(self, event: StreamEvent) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:  # noqa: BLE001 - a consumer gone away must not stop the engine
-                self.on_event = None
 
 
-__all__ = ["PreparedText", "RequestRun", "RequestStatus", "SequenceRun"]
+__all__ = ["EventSink", "PreparedText", "RequestRun", "RequestStatus", "SequenceRun"]

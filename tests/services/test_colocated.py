@@ -9,7 +9,6 @@ import time
 import grpc
 import pytest
 from steering.v1 import steering_pb2 as pb
-from steering.v1 import steering_pb2_grpc
 
 from services.client import Generation, SteeringClient, edit, plan
 from tests.services.helpers import IMAGE, IMG_LABELS, IMG_SAE, LM, LM_SAE, free_port, second_application, service_config
@@ -35,12 +34,6 @@ def colocated(service):
     ``img`` of the session's config, colocated in that application's ingress."""
     with second_application(service, colocated_config()) as metadata:
         yield metadata
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield steering_pb2_grpc.SteeringStub(channel)
 
 
 def steered_request(tokens: int = 6, include_default: bool = True) -> pb.GenerateRequest:

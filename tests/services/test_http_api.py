@@ -10,13 +10,11 @@ import json
 import re
 import time
 
-import grpc
 import jsonschema
 import pytest
 import requests
 from google.protobuf import json_format
 from steering.v1 import steering_pb2 as pb
-from steering.v1 import steering_pb2_grpc
 
 from services.errors import grpc_status
 from services.http.errors import HttpError
@@ -24,12 +22,6 @@ from tests.services.helpers import HTTP_MAX_BODY_BYTES, IMAGE, IMG_SAE, LM, LM_L
 
 TIMEOUT_S = 120
 RED = LM_LABELS["color:red"]
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield steering_pb2_grpc.SteeringStub(channel)
 
 
 def post(service, path: str, body, **kwargs) -> requests.Response:

@@ -9,11 +9,9 @@ import base64
 import contextlib
 import io
 
-import grpc
 import openai
 import pytest
 from steering.v1 import steering_pb2 as pb
-from steering.v1 import steering_pb2_grpc
 
 from tests.services.helpers import IMAGE, LM, LM_LABELS, LM_SAE, SERVED_MODELS, VLM, png_bytes
 
@@ -24,12 +22,6 @@ STEERING = {"edits": [{"sae": LM_SAE, "op": "EDIT_OP_SET", "labels": ["color:red
 @pytest.fixture(scope="module")
 def oai(service):
     return openai.OpenAI(base_url=service.http_url + "/v1", api_key="unused", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield steering_pb2_grpc.SteeringStub(channel)
 
 
 def grpc_generate(stub, *, seed: int, max_new_tokens: int, temperature: float = 0.0, prompt: str = "", messages=(),

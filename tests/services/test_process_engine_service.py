@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from steering.v1 import steering_pb2 as pb
-from steering.v1 import steering_pb2_grpc
 
 from sae_runtime.errors import Unavailable
 from services.client import Generation, SteeringClient, edit
@@ -37,12 +36,6 @@ def process_config() -> dict:
 def process_app(service):
     with second_application(service, process_config()) as metadata:
         yield metadata
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield steering_pb2_grpc.SteeringStub(channel)
 
 
 def test_concurrent_steered_requests_equal_the_in_replica_engine(process_app, stub):
