@@ -51,6 +51,7 @@ eval-demo: $(STAMP)
 	$(PY) -m sae_runtime.demo.eval --models models --out reports/demo_eval.json
 	$(PY) -m sae_runtime.demo.shapes_eval --models models --out reports/demo_eval.json
 	$(PY) -m sae_runtime.demo.shapes_mitigation --models models --out reports/demo_eval.json
+	$(PY) -m sae_runtime.demo.shapes_ceiling --models models --out reports/shapes_ceiling.json
 
 bench: $(STAMP) $(STUBS)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -144,6 +144,32 @@ def encode_text(pipe: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
     return torch.cat(embeds, dim=-1), pooled
 
 
+@dataclass(frozen=True)
+class OneStep:
+    """The Turbo setting's constants for ``pipe``: the U-Net runs once at ``t`` = 999, on
+    ``(z0 + sigma e) * c_in``, with the SDXL ``time_ids`` of a SIDE x SIDE image."""
+
+    t: int
+    sigma: float
+    c_in: float
+    time_ids: Tensor  # (1, 6)
+
+    @classmethod
+    def of(cls, pipe: Any) -> "OneStep":
+        sched = pipe.scheduler
+        t = int(sched.config.num_train_timesteps - 1)
+        acp = sched.alphas_cumprod[t]
+        sigma = float(((1 - acp) / acp) ** 0.5)
+        side = sw.SIDE
+        return cls(t, sigma, 1.0 / (sigma**2 + 1) ** 0.5, torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32))
+
+    def x0(self, pipe: Any, sample: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """The scheduler's x0 estimate (N, 4, h, w) from the U-Net's v output on ``sample`` (z0 + sigma e)."""
+        v = pipe.unet(sample * self.c_in, self.t, encoder_hidden_states=embeds,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids.expand(len(sample), -1)}).sample
+        return v * (-self.sigma * self.c_in) + sample * self.c_in**2  # EulerDiscreteScheduler's v-prediction x0
+
+
 def train_unet(pipe: Any, cfg: SdxlTrainConfig, log=print) -> dict[str, Any]:
     """One-step (t = 999) x0 training of the U-Net and text encoders on every caption."""
     scenes = sw.all_scenes()
@@ -151,13 +177,7 @@ def train_unet(pipe: Any, cfg: SdxlTrainConfig, log=print) -> dict[str, Any]:
     sf = pipe.vae.config.scaling_factor
     with torch.no_grad():
         z0_all = pipe.vae.encode(to_tensor([sw.render(s) for s in scenes])).latent_dist.mean * sf
-    sched = pipe.scheduler
-    t = int(sched.config.num_train_timesteps - 1)
-    acp = sched.alphas_cumprod[t]
-    sigma = float(((1 - acp) / acp) ** 0.5)
-    c_in = 1.0 / (sigma**2 + 1) ** 0.5
-    side = sw.SIDE
-    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
+    one = OneStep.of(pipe)
     params = [p for p in (*pipe.unet.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters())]
     pipe.text_encoder_2.text_projection.requires_grad_(False)
     params = [p for p in params if p.requires_grad]
@@ -171,12 +191,9 @@ def train_unet(pipe: Any, cfg: SdxlTrainConfig, log=print) -> dict[str, Any]:
     for step in range(cfg.unet_steps):
         idx = rng.integers(len(scenes), size=cfg.unet_batch)
         z0 = z0_all[idx]
-        sample = z0 + sigma * torch.randn(z0.shape, generator=g)
+        sample = z0 + one.sigma * torch.randn(z0.shape, generator=g)
         embeds, pooled = encode_text(pipe, [captions[i] for i in idx])
-        v = pipe.unet(sample * c_in, t, encoder_hidden_states=embeds,
-                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(idx), -1)}).sample
-        x0 = v * (-sigma * c_in) + sample * c_in**2  # EulerDiscreteScheduler's v-prediction x0
-        loss = torch.nn.functional.mse_loss(x0, z0)
+        loss = torch.nn.functional.mse_loss(one.x0(pipe, sample, embeds, pooled), z0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -187,7 +204,7 @@ def train_unet(pipe: Any, cfg: SdxlTrainConfig, log=print) -> dict[str, Any]:
             log(f"  unet step {step + 1}/{cfg.unet_steps} x0 mse {np.mean(losses[-50:]):.4f}")
     for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
-    return {"unet_steps": cfg.unet_steps, "x0_mse": float(np.mean(losses[-50:])), "sigma_max": sigma}
+    return {"unet_steps": cfg.unet_steps, "x0_mse": float(np.mean(losses[-50:])), "sigma_max": one.sigma}
 
 
 def train(cfg: SdxlTrainConfig, log=print) -> tuple[Any, dict[str, Any]]:
@@ -203,4 +220,4 @@ def save(pipe: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["BLOCKS", "SdxlTrainConfig", "build_untrained", "encode_text", "save", "to_tensor", "train", "train_unet", "train_vae"]
+__all__ = ["BLOCKS", "OneStep", "SdxlTrainConfig", "build_untrained", "encode_text", "save", "to_tensor", "train", "train_unet", "train_vae"]
