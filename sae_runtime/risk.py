@@ -233,16 +233,17 @@ class RiskProbe:
         order = torch.argsort(per_latent.abs(), dim=1, descending=True, stable=True)
         if top_n is not None:
             order = order[:, :top_n]
+        # one conversion to Python numbers per tensor: indexing a tensor per element costs more
+        # than the scoring itself for a step's few rows
+        values = per_latent.gather(1, order).tolist()
         scores = []
-        for r in range(len(rows)):
+        for latents_r, values_r, logit in zip(order.tolist(), values, logits.tolist()):
             contribs = []
-            for j in order[r].tolist():
-                value = float(per_latent[r, j])
+            for j, value in zip(latents_r, values_r):
                 if value == 0.0:
                     break
                 sae, latent = self.layout.latent_owner(j)
                 contribs.append(RiskContribution(sae=sae, latent=latent, label=label_of(self.latent_labels.get(sae, {}), latent), contribution=value))
-            logit = float(logits[r])
             scores.append(RiskScore(probability=1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0, contributions=tuple(contribs)))
         return scores
 

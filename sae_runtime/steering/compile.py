@@ -30,10 +30,10 @@ A conditional edit (``LatentEdit.condition``) is the same layer masked per posit
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,85 +71,78 @@ class CompiledEdits:
         return self.mul.shape[0]
 
 
+#: Op codes of the table build below.
+_SET, _ABLATE, _SCALE, _ADD, _CAP = range(5)
+_CODE = {EditOp.SET: _SET, EditOp.ABLATE: _ABLATE, EditOp.SCALE: _SCALE, EditOp.ADD: _ADD, EditOp.CAP: _CAP}
+
+
 def compile_edits(plans: Sequence[InterventionPlan | None], saes: Mapping[str, Sae]) -> dict[str, CompiledEdits]:
     """Per SAE named by any plan: the union of edited latents and the per-row op tensors.
 
     Plans must be validated (``InterventionPlan.resolve``): ops are EditOp, latents are ints.
+    An engine step that admits rows recompiles every running row's plan, so this runs often:
+    Python walks the edits, numpy handles their latents as arrays (a Python step per latent, or
+    a torch call per table, costs more than the whole build on a small CPU).
     """
     n_rows = len(plans)
-    # sae -> row -> list of (latent, op, value, normalize, condition) in plan order
-    per_sae: dict[str, list[list[tuple[int, EditOp, float, bool, Condition | None]]]] = {}
+    # sae -> per edit in plan order: (row, latents, op code, value, normalize, condition)
+    per_sae: dict[str, list[tuple[int, Sequence[int], int, float, bool, Condition | None]]] = {}
     for row, plan in enumerate(plans):
         if plan is None:
             continue
         for edit in plan.edits:
-            if EditOp(edit.op) in PROJECTION_OPS:
+            op = EditOp(edit.op)
+            if op in PROJECTION_OPS or not edit.latents:
                 continue
-            rows = per_sae.setdefault(edit.sae, [[] for _ in range(n_rows)])
-            for latent in edit.latents:
-                rows[row].append((int(latent), EditOp(edit.op), float(edit.value), bool(edit.normalize),
-                                  edit.condition))
+            per_sae.setdefault(edit.sae, []).append(
+                (row, edit.latents, _CODE[op], float(edit.value), bool(edit.normalize), edit.condition))
 
+    preserve = tuple(True if p is None else bool(p.preserve_error) for p in plans)
     compiled: dict[str, CompiledEdits] = {}
-    for name, rows in per_sae.items():
-        union = sorted({lat for row in rows for lat, *_ in row})
-        col = {lat: j for j, lat in enumerate(union)}
-        k = max(Counter((r, lat) for r, row in enumerate(rows) for lat, *_ in row).values(), default=1)
+    for name, edits in per_sae.items():
+        sizes = np.array([len(e[1]) for e in edits])
+        per_entry = lambda i, dtype: np.repeat(np.array([e[i] for e in edits], dtype=dtype), sizes)  # noqa: E731
+        lats = np.fromiter((int(lat) for e in edits for lat in e[1]), dtype=np.int64, count=int(sizes.sum()))
+        rows, code, value, normalize = per_entry(0, np.int64), per_entry(2, np.int64), per_entry(3, np.float64), per_entry(4, bool)
+        union, col = np.unique(lats, return_inverse=True)
         u = len(union)
-        # Entries are collected as (layer, row, column) -> value and written with one indexed
-        # assignment per tensor: writing entry by entry costs microseconds each, and an engine
-        # step that admits rows recompiles every running row's plan.
-        entries: dict[str, tuple[list[tuple[int, int, int]], list[float]]] = {k_: ([], []) for k_ in
-                                                                           ("mul", "add", "add_norm", "cap", "cond")}
+        # An entry's layer: how many earlier entries of its row edit the same latent (plan order).
+        key = rows * u + col
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        run_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+        layer = np.empty_like(order)
+        layer[order] = np.arange(len(order)) - run_start
+        shape = (int(layer.max()) + 1, n_rows, u)
 
-        def put(which: str, at: tuple[int, int, int], value: float) -> None:
-            entries[which][0].append(at)
-            entries[which][1].append(value)
+        def filled(default: float, where: np.ndarray, values: np.ndarray, dtype: type = np.float64) -> Tensor:
+            out = np.full(shape, default, dtype=dtype)
+            out[layer[where], rows[where], col[where]] = values[where]
+            return torch.from_numpy(out)
 
-        idx = torch.tensor(union, dtype=torch.long)
-        row_norms: list[float] | None = None
-        conditions = list(dict.fromkeys(c for row in rows for *_, c in row if c is not None))
-        cond_id = {c: n + 1 for n, c in enumerate(conditions)}
-        for r, row in enumerate(rows):
-            layer = [0] * u
-            for lat, op, value, normalize, condition in row:
-                j = col[lat]
-                at = (layer[j], r, j)
-                layer[j] += 1
-                if condition is not None:
-                    put("cond", at, cond_id[condition])
-                if op is EditOp.SET:
-                    put("mul", at, 0.0)
-                    put("add", at, value)
-                elif op is EditOp.ABLATE:
-                    put("mul", at, 0.0)
-                elif op is EditOp.SCALE:
-                    put("mul", at, value)
-                elif op is EditOp.ADD and normalize:
-                    if row_norms is None:
-                        rows_w = saes[name].decoder_rows(idx.to(saes[name].W_dec.device))
-                        row_norms = rows_w.detach().double().norm(dim=-1).cpu().tolist()
-                    norm = row_norms[j]
-                    put("add_norm", at, value / norm if norm > 0 else 0.0)
-                elif op is EditOp.ADD:
-                    put("add", at, value)
-                elif op is EditOp.CAP:
-                    put("cap", at, value)
-        shape = (k, n_rows, u)
-
-        def filled(which: str, default: float, dtype: torch.dtype) -> Tensor:
-            out = torch.full(shape, default, dtype=dtype)
-            at, values = entries[which]
-            if at:
-                out[tuple(torch.tensor(at, dtype=torch.long).unbind(1))] = torch.tensor(values, dtype=dtype)
-            return out
-
-        cond = filled("cond", 0, torch.long) if conditions else None
-        preserve = tuple(True if p is None else bool(p.preserve_error) for p in plans)
+        is_add = code == _ADD
+        norm_add = is_add & normalize
+        add_norm = value
+        if norm_add.any():
+            idx = torch.from_numpy(union).to(saes[name].W_dec.device)
+            norms = saes[name].decoder_rows(idx).detach().double().norm(dim=-1).cpu().numpy()[col]
+            add_norm = np.divide(value, norms, out=np.zeros_like(value), where=norms > 0)
+        conditions = list(dict.fromkeys(e[5] for e in edits if e[5] is not None))
+        cond = None
+        if conditions:
+            cond_id = {c: n + 1 for n, c in enumerate(conditions)}
+            ids = np.repeat(np.array([cond_id[e[5]] if e[5] is not None else 0 for e in edits], dtype=np.int64), sizes)
+            cond = filled(0, ids > 0, ids, np.int64)
+        edited = set(rows.tolist())
         compiled[name] = CompiledEdits(
-            sae=name, latents=idx, mul=filled("mul", 1.0, torch.float64), add=filled("add", 0.0, torch.float64),
-            add_norm=filled("add_norm", 0.0, torch.float64), cap=filled("cap", math.inf, torch.float64),
-            edits_row=tuple(bool(row) for row in rows), preserve=preserve, cond=cond, conditions=tuple(conditions),
+            sae=name, latents=torch.from_numpy(union),
+            mul=filled(1.0, code <= _SCALE, np.where(code == _SCALE, value, 0.0)),  # set, ablate: 0; scale: v
+            add=filled(0.0, (code == _SET) | (is_add & ~normalize), value),
+            add_norm=filled(0.0, norm_add, add_norm),
+            cap=filled(math.inf, code == _CAP, value),
+            edits_row=tuple(r in edited for r in range(n_rows)), preserve=preserve, cond=cond, conditions=tuple(conditions),
         )
     return compiled
 
