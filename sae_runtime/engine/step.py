@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,35 +69,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def llama_decode(model: nn.Module) -> Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None:
-    """A decode forward of a ``LlamaForCausalLM`` without transformers' model-level wrappers, or
-    None for any other model (they take ``model(...)``).
-
-    It runs what ``LlamaForCausalLM.forward`` runs for one new token per row (embedding, rotary
-    embedding, every decoder layer called as a module, so the steering hooks fire, final norm,
-    LM head) and skips its output-capture, config-default and mask-building wrappers: about 8% of
-    a 16-row decode forward of the demo LM, with identical logits (tests/sae_runtime/test_engine_step.py).
-    The returned function takes (input_ids (B, 1), the 4D boolean mask (B, 1, 1, L), position ids
-    (B, 1), the cache) and returns logits (B, V).
-    """
-    from transformers import LlamaForCausalLM
-
-    if type(model) is not LlamaForCausalLM:
-        return None
-    body, head = model.model, model.lm_head
-    layers = body.layers[: model.config.num_hidden_layers]
-
-    def decode(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
-        hidden = body.embed_tokens(ids)
-        rotary = body.rotary_emb(hidden, position_ids=positions)
-        for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
-        return head(body.norm(hidden))[:, -1, :]
-
-    return decode
-
-
 def new_cache(model: nn.Module) -> Any:
     from transformers import DynamicCache
 
@@ -116,7 +87,6 @@ class StepRunner:
         # mask as (B, 1, 1, L): handed over ready-made, transformers returns it as is instead of
         # building it every forward (about 6% of a 16-row decode forward of the demo LM; same logits).
         self._ready_decode_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
-        self._lean_decode = llama_decode(model) if self._ready_decode_mask else None
 
     def prefill(self, rows: Sequence[SequenceRun], prompts: Sequence[Sequence[int]]) -> Tensor:
         """Prefill ``rows`` (prompt ids each); they join the cache. Returns last-position logits (b, V)."""
@@ -137,11 +107,9 @@ class StepRunner:
         if self._ready_decode_mask:
             mask = mask.bool()[:, None, None, :]
         with torch.no_grad():
-            if self._lean_decode is not None:
-                return self._lean_decode(tokens.unsqueeze(1), mask, positions, cache)
             out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True, **self._keep_last)
         return out.logits[:, -1, :]
 
 
-__all__ = ["ModalityPlugin", "StepDescriptor", "StepRunner", "left_pad", "llama_decode"]
+__all__ = ["ModalityPlugin", "StepDescriptor", "StepRunner", "left_pad"]
