@@ -58,6 +58,15 @@ def _routed(rpc: str, response: type, method: str, *, timed: bool = True) -> Cal
     return handler
 
 
+async def _stop(stream: Any) -> None:
+    """End a model stream its reader abandoned: a colocated model's async generator is closed
+    (its row is cancelled in the engine at once), a deployment's response generator cancelled."""
+    if hasattr(stream, "aclose"):
+        await stream.aclose()
+    else:
+        stream.cancel()
+
+
 @serve.deployment
 @serve.ingress()
 class SteeringIngress:
@@ -156,10 +165,12 @@ class SteeringIngress:
         (raised, because a stream that yielded nothing cannot carry a status otherwise)."""
         started = time.time()
         status = "CANCELLED"  # unless it completes or fails below
+        stream = None
         try:
             self._authenticate(grpc_context)
             handle = self._handle(request.model).options(stream=True)
-            async for message in handle.generate_stream.remote(request, started):
+            stream = handle.generate_stream.remote(request, started)
+            async for message in stream:
                 yield message
             status = "OK"
         except Exception as exc:  # noqa: BLE001
@@ -167,6 +178,8 @@ class SteeringIngress:
             status = code.name
             raise _StreamFailed(details) from None
         finally:
+            if status == "CANCELLED" and stream is not None:
+                await _stop(stream)  # the caller stopped reading: the model's row leaves now, not at GC
             self._record("GenerateStream", request.model, status, started)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:

@@ -18,6 +18,7 @@ replica's backend still validates every request and runs those other calls on it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, AsyncIterator
 
@@ -192,17 +193,22 @@ class ModelServer:
         self._require_kind(TEXT_KINDS, "GenerateStream")
         prepared = self._validated(self._text_request(request))
         steered = convert.is_steered(prepared.request)
-        async for event in self._text_events(prepared, stream=True):
-            if event.result is None:
-                msg = pb.GenerateStreamResponse(token=convert.token_to_proto(event.token))
-                if event.risk is not None:
-                    msg.running_risk = event.risk
-                yield msg
-                continue
-            timings = self._timings(event.result.timings, received_at)
-            self._observe("generate_stream", timings)
-            self._observe_text(event.result, steered)
-            yield pb.GenerateStreamResponse(final=convert.text_result_to_proto(event.result, timings=timings, versions=self.versions, steered=steered))
+        # aclosing: a caller that stops reading closes this generator at its yield, and an
+        # async-for does not close the generator it iterates. Without it the engine's row is
+        # cancelled only when the event loop finalizes the abandoned generator, after whatever the
+        # caller does next (a request submitted at once shared a step with the abandoned row).
+        async with contextlib.aclosing(self._text_events(prepared, stream=True)) as events:
+            async for event in events:
+                if event.result is None:
+                    msg = pb.GenerateStreamResponse(token=convert.token_to_proto(event.token))
+                    if event.risk is not None:
+                        msg.running_risk = event.risk
+                    yield msg
+                    continue
+                timings = self._timings(event.result.timings, received_at)
+                self._observe("generate_stream", timings)
+                self._observe_text(event.result, steered)
+                yield pb.GenerateStreamResponse(final=convert.text_result_to_proto(event.result, timings=timings, versions=self.versions, steered=steered))
 
     async def generate_image(self, request: pb.GenerateImageRequest, received_at: float) -> pb.GenerateImageResponse:
         self._require_kind(IMAGE_KINDS, "GenerateImage")

@@ -7,6 +7,7 @@ which :meth:`HttpCallContext.check` raises as an :class:`HttpError`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, AsyncIterator, Mapping
 
 import grpc
@@ -59,8 +60,9 @@ class IngressCalls:
         """GenerateStream's messages; a failure (before or during the stream) raises HttpError."""
         context = HttpCallContext(headers)
         try:
-            async for message in self._ingress.GenerateStream(request, context):
-                yield message
+            async with contextlib.aclosing(self._ingress.GenerateStream(request, context)) as messages:
+                async for message in messages:
+                    yield message
         except Exception:
             context.check()  # the ingress set the status and ended the stream: raise it as HTTP
             raise

@@ -100,6 +100,9 @@ def test_a_local_stream_closed_early_leaves_the_engine(service):
         stream = handle.options(stream=True).generate_stream.remote(request, time.time())
         first = await stream.__anext__()
         await stream.aclose()
+        # Closing the stream itself asked the engine to cancel the row: not a finalizer that the
+        # event loop runs later, after the next request was submitted (that raced with the step).
+        assert all(run.cancel_requested for run in server.engine._running)
         # the stream's row left: the next request runs alone (batch_size counts the rows it stepped with)
         return first, await handle.generate.remote(steered_request(tokens=2, include_default=False), time.time())
 
@@ -109,5 +112,35 @@ def test_a_local_stream_closed_early_leaves_the_engine(service):
         assert after.timings.batch_size == 1 and after.completion.tokens[0].id == first.token.id
         info = asyncio.run(handle.model_info.remote())  # a sync method, on a worker thread
         assert info.name == LM
+    finally:
+        server.loop.stop()
+
+
+def test_the_ingress_stream_closed_by_its_reader_cancels_the_row_at_once(service):
+    """The colocated ingress's GenerateStream, closed at its yield (as the HTTP event stream does when
+    its client leaves): the model's row is asked to leave during the close, and the next request
+    runs alone."""
+    from services.config import parse_config
+    from services.http.calls import HttpCallContext
+    from services.ingress import SteeringIngress
+
+    model = parse_config(colocated_config((LM,))).models[0]
+    # the class as written, under the ASGI wrapper that @serve.ingress puts around it
+    ingress_class = next(k for k in SteeringIngress.func_or_class.__mro__[1:] if k.__name__ == "SteeringIngress")
+    ingress = ingress_class({}, None, None, {LM: (model.to_spec(service.artifacts), 1, False)})
+    server = ingress._models[LM]._server
+
+    async def first_then_close() -> tuple[pb.GenerateStreamResponse, pb.GenerateResponse]:
+        stream = ingress.GenerateStream(steered_request(tokens=24, include_default=False), HttpCallContext({}))
+        first = await stream.__anext__()
+        await stream.aclose()
+        assert all(run.cancel_requested for run in server.engine._running)
+        after = await ingress.Generate(steered_request(tokens=2, include_default=False), HttpCallContext({}))
+        return first, after
+
+    try:
+        first, after = asyncio.run(first_then_close())
+        assert first.HasField("token") and server.engine.running_rows == 0
+        assert after.timings.batch_size == 1 and after.completion.tokens[0].id == first.token.id
     finally:
         server.loop.stop()
