@@ -16,6 +16,7 @@ same bearer-token check, routing, validation, errors and metrics as over gRPC. B
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -125,9 +126,10 @@ async def started(events: AsyncIterator[str]) -> AsyncIterator[str]:
     first = await anext(events)
 
     async def replay() -> AsyncIterator[str]:
-        yield first
-        async for event in events:
-            yield event
+        async with contextlib.aclosing(events):  # closed with the response: the model's row leaves at once
+            yield first
+            async for event in events:
+                yield event
 
     return replay()
 
@@ -187,9 +189,10 @@ def build_http_app(ingress: Any, *, max_body_bytes: int = 64 << 20) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             sent = False
             try:
-                async for item in calls.stream(message, request.headers):
-                    sent = True
-                    yield sse(protojson.dump(item))
+                async with contextlib.aclosing(calls.stream(message, request.headers)) as items:
+                    async for item in items:
+                        sent = True
+                        yield sse(protojson.dump(item))
             except HttpError as err:
                 if not sent:
                     raise
