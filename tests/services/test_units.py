@@ -1,5 +1,5 @@
 """The service's pure pieces, without Ray: proto -> spec conversion, error -> status mapping,
-batch-failure isolation, bearer-token checks."""
+batch-failure isolation, bearer-token checks, HTTP event streams closing what they relay."""
 
 from __future__ import annotations
 
@@ -245,3 +245,40 @@ def test_health_watch_sends_the_first_status_then_only_changes():
 
     assert asyncio.run(main()) == [1, 2, 1, 3]
     assert probed == [1, 1, 2, 2, 2, 1, 3]
+
+
+# -- HTTP event streams --------------------------------------------------------------------------
+
+class _CountingIngress:
+    """An ingress whose GenerateStream yields numbered tokens and records when it is closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def GenerateStream(self, request, context):  # noqa: N802 - the RPC's name
+        try:
+            for i in range(1000):
+                yield pb.GenerateStreamResponse(token=pb.Token(id=i))
+        finally:
+            self.closed = True
+
+
+def test_an_http_event_stream_closed_by_its_reader_closes_the_ingress_stream_at_once():
+    """The HTTP relay (IngressCalls.stream, then started()'s replay) closed after its first item:
+    the ingress stream under it is closed during that close, not later by the event loop's
+    finalizer (the ingress then cancels the model's row)."""
+    from services.http.app import started
+    from services.http.calls import IngressCalls
+
+    async def main() -> tuple[bool, bool]:
+        direct = _CountingIngress()
+        stream = IngressCalls(direct).stream(pb.GenerateRequest(), {})
+        assert (await anext(stream)).token.id == 0
+        await stream.aclose()
+        relayed = _CountingIngress()
+        events = await started(IngressCalls(relayed).stream(pb.GenerateRequest(), {}))
+        assert (await anext(events)).token.id == 0 and not relayed.closed
+        await events.aclose()
+        return direct.closed, relayed.closed
+
+    assert asyncio.run(main()) == (True, True)
